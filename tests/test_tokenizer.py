@@ -104,3 +104,15 @@ def test_missing_configs_fall_back_to_clip_defaults(tmp_path):
     tokenizer = CLIPTokenizer.from_folder(folder)
     assert (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) == (1512, 1513, 1513)
     assert tokenizer.model_max_length == 77
+
+
+@pytest.mark.parity
+def test_folder_saved_by_transformers_5_with_only_tokenizer_json(tokenizer_folders, tmp_path):
+    """transformers 5 saves tokenizer.json instead of vocab.json + merges.txt; both load to the same ids."""
+    transformers = pytest.importorskip("transformers")
+    for folder in tokenizer_folders:
+        saved = tmp_path / folder.name
+        transformers.CLIPTokenizer.from_pretrained(folder).save_pretrained(saved)
+        assert not (saved / "vocab.json").exists() and (saved / "tokenizer.json").exists()
+        prompts = ["a red circle!! left of a blue square", "", "Hello, WORLD! 123 &amp; café"]
+        assert torch.equal(CLIPTokenizer.from_folder(saved)(prompts), CLIPTokenizer.from_folder(folder)(prompts))

@@ -72,6 +72,24 @@ def _added_tokens(tokenizer_config: dict, special_tokens: dict[str, str]) -> lis
     return added
 
 
+def _vocab_and_merges(path: Path, tokenizer_config: dict) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """From vocab.json + merges.txt (the hub's sdxl-turbo folders), or else from the BPE model inside tokenizer.json
+    (what transformers 5 saves). A tokenizer.json's added tokens are copied into tokenizer_config when it lists none."""
+    if (path / "vocab.json").exists():
+        vocab = _read_json(path / "vocab.json")
+        lines = (path / "merges.txt").read_text(encoding="utf-8").splitlines()
+        merges = [tuple(line.split()) for line in lines if line and not line.startswith("#version")]
+        return vocab, merges
+    model = _read_json(path / "tokenizer.json").get("model", {})
+    if model.get("type") != "BPE":
+        raise FileNotFoundError(f"{path} has neither vocab.json + merges.txt nor a BPE tokenizer.json")
+    if "added_tokens_decoder" not in tokenizer_config:
+        added = _read_json(path / "tokenizer.json").get("added_tokens", [])
+        tokenizer_config["added_tokens_decoder"] = {str(t["id"]): t for t in added}
+    merges = [tuple(m.split()) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    return model["vocab"], merges
+
+
 def _clip_pipeline(bpe: BPE, bos_token: str, eos_token: str) -> Tokenizer:
     tokenizer = Tokenizer(bpe)
     tokenizer.normalizer = normalizers.Sequence(
@@ -107,14 +125,9 @@ class CLIPTokenizer:
         path = Path(path)
         tokenizer_config = _read_json(path / "tokenizer_config.json")
         special = _special_tokens(tokenizer_config, _read_json(path / "special_tokens_map.json"))
-        bpe = BPE.from_file(
-            str(path / "vocab.json"),
-            str(path / "merges.txt"),
-            unk_token=special["unk_token"],
-            continuing_subword_prefix="",
-            end_of_word_suffix="</w>",
-            fuse_unk=False,
-        )
+        vocab, merges = _vocab_and_merges(path, tokenizer_config)
+        bpe = BPE(vocab, merges, unk_token=special["unk_token"], continuing_subword_prefix="",
+                  end_of_word_suffix="</w>", fuse_unk=False)
         tokenizer = _clip_pipeline(bpe, special["bos_token"], special["eos_token"])
         tokenizer.add_special_tokens(_added_tokens(tokenizer_config, special))
         # Files saved without a limit carry transformers' 1e30 sentinel; CLIP's context is 77.
