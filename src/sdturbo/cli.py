@@ -1,0 +1,212 @@
+"""`sdturbo` command line: parses arguments and calls the library. Bad input ends in one line on stderr, exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import time
+import warnings
+from pathlib import Path
+
+from .serve import add_serve_arguments, serve_main
+
+DEFAULT_MODEL = "stabilityai/sdxl-turbo"
+
+
+class UserError(Exception):
+    """A problem the user can fix; printed as one line."""
+
+
+def _parse_size(text: str) -> tuple[int, int]:
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size must look like 512x512 (WIDTHxHEIGHT), got {text!r}") from None
+    return w, h
+
+
+def add_generate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("prompt", help="what to draw")
+    p.add_argument("-o", "--output", default="sdturbo.png", help="PNG path; with --n > 1, -0, -1, ... are appended")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="hub id, diffusers folder, single .safetensors file, or mini")
+    p.add_argument("--tokenizer", default=None, help="tokenizer folder or hub id, for single-file checkpoints")
+    p.add_argument("--steps", type=int, default=1, help="sampling steps, 1-4 for turbo models (default 1)")
+    p.add_argument("--seed", type=int, default=None, help="image i uses seed + i; random (and printed) if omitted")
+    p.add_argument("--n", type=int, default=1, help="number of images")
+    p.add_argument("--size", type=_parse_size, default=None, help="WIDTHxHEIGHT, multiples of 8 (default: the model's)")
+    p.add_argument("--image", default=None, help="input image for image-to-image")
+    p.add_argument("--strength", type=float, default=0.5, help="img2img: how much to change the image, in (0, 1]")
+    p.add_argument("--guidance-scale", type=float, default=0.0, help="classifier-free guidance; > 1 turns it on")
+    p.add_argument("--negative-prompt", default=None, help="used only with --guidance-scale > 1")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
+    p.add_argument("--schedule", default="trailing", choices=["trailing", "substep"])
+    add_speed_arguments(p)
+
+
+def add_speed_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--fast", action="store_true", help="the fast path (sdturbo.speed.optimize): same images within "
+                   "rounding; starts in seconds")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                   help="also torch.compile the networks (implies --fast): faster on GPU, but the first call of each "
+                   "size compiles for minutes unless the cache (~/.cache/sdturbo/inductor) is warm")
+    p.add_argument("--compile-mode", default=None,
+                   choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+                   help="torch.compile mode; reduce-overhead adds CUDA graphs")
+
+
+def output_paths(output: str, n: int) -> list[Path]:
+    path = Path(output)
+    if path.suffix.lower() != ".png":
+        raise UserError(f"output {output} must end in .png")
+    if n == 1:
+        return [path]
+    return [path.with_name(f"{path.stem}-{i}{path.suffix}") for i in range(n)]
+
+
+def load_input_image(path: str):
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.convert("RGB")
+    except FileNotFoundError:
+        raise UserError(f"input image {path} does not exist") from None
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
+        raise UserError(f"input image {path} cannot be read as an image ({e})") from None
+
+
+def run_generate(args: argparse.Namespace) -> None:
+    import torch
+
+    from .output import check_writable, save_png
+    from .pipeline import TurboPipeline
+
+    if args.n < 1:
+        raise UserError(f"--n must be at least 1, got {args.n}")
+    paths = output_paths(args.output, args.n)
+    for path in paths:
+        try:
+            check_writable(path)
+        except OSError as e:
+            raise UserError(str(e)) from None
+    image = load_input_image(args.image) if args.image else None
+    seed = args.seed if args.seed is not None else random.randrange(2**32)
+    if args.seed is None:
+        print(f"seed: {seed}")
+    width, height = args.size if args.size else (None, None)
+
+    t0 = time.perf_counter()
+    print(f"loading {args.model} ...", file=sys.stderr)
+    pipe = TurboPipeline.from_pretrained(args.model, device=args.device, dtype=args.dtype, tokenizer=args.tokenizer)
+    if args.fast or args.compile:
+        from .speed import optimize
+
+        optimize(pipe, compile=args.compile, compile_mode=args.compile_mode)
+    print(f"loaded in {time.perf_counter() - t0:.1f} s ({pipe.device}, {str(pipe.dtype).replace('torch.', '')})", file=sys.stderr)
+
+    t0 = time.perf_counter()
+    out = pipe(
+        args.prompt,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance_scale,
+        height=height,
+        width=width,
+        num_images_per_prompt=args.n,
+        negative_prompt=args.negative_prompt,
+        image=image,
+        strength=args.strength,
+        seed=[seed + i for i in range(args.n)],
+        schedule=args.schedule,
+    )
+    if pipe.device.type == "cuda":
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - t0
+    for im, params, path in zip(out.images, out.parameters, paths):
+        try:
+            save_png(im, path, params)
+        except OSError as e:
+            raise UserError(f"cannot write {path}: {e}") from None
+        print(path)
+    print(f"generated {args.n} image(s) in {elapsed:.2f} s", file=sys.stderr)
+
+
+def add_bench_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default="official", choices=["official", "small"],
+                   help="official SDXL-Turbo sizes (default) or the tiny test sizes for a quick look")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
+    p.add_argument("--runs", type=int, default=3, help="timed repetitions; the median is reported")
+    p.add_argument("--warmup", type=int, default=1, help="untimed repetitions first")
+    p.add_argument("--steps", type=int, nargs="+", default=[1, 4], help="end-to-end step counts to time")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--size", type=int, default=512, help="square image side in pixels")
+    p.add_argument("--no-diffusers", action="store_true", help="time sdturbo only")
+    p.add_argument("--json", default=None, help="also write the report as JSON here")
+    add_speed_arguments(p)
+
+
+def run_bench(args: argparse.Namespace) -> None:
+    import json
+
+    from .bench import format_table, run_bench as bench
+
+    if args.runs < 1 or args.warmup < 0 or args.batch < 1:
+        raise UserError("--runs and --batch must be at least 1 and --warmup at least 0")
+    try:
+        report = bench(config=args.config, device=args.device, dtype=args.dtype, runs=args.runs, warmup=args.warmup,
+                       steps=tuple(args.steps), batch=args.batch, size_px=args.size,
+                       with_diffusers=not args.no_diffusers, fast=args.fast, compile=args.compile,
+                       compile_mode=args.compile_mode)
+    except RuntimeError as e:
+        raise UserError(str(e)) from None
+    print(format_table(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+
+
+def run_serve(args: argparse.Namespace) -> None:
+    code = serve_main(args)
+    if code:
+        raise SystemExit(code)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sdturbo", description="SDXL-Turbo inference and ADD training")
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="draw images from a prompt (and optionally an input image)")
+    add_generate_arguments(gen)
+    gen.set_defaults(func=run_generate)
+    serve = sub.add_parser("serve", help="the real-time demo page and the HTTP API (127.0.0.1:8000 by default)")
+    add_serve_arguments(serve)
+    serve.set_defaults(func=run_serve)
+    bench = sub.add_parser("bench", help="time sdturbo against diffusers on the same random weights")
+    add_bench_arguments(bench)
+    bench.set_defaults(func=run_bench)
+    return parser
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None):
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    warnings.showwarning = _one_line_warning
+    from .loading import LoadError
+
+    try:
+        args.func(args)
+    except (UserError, ValueError, LoadError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,367 @@
+"""TurboPipeline: prompt (and optionally an image) -> images. The only place that glues the models together.
+
+Argument names and random-number use follow diffusers' StableDiffusionXLPipeline / Img2ImgPipeline, so the same
+seed gives the same image; schedule="substep" follows generative-models' turbo demo instead."""
+
+from __future__ import annotations
+
+import math
+import random
+import warnings
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from . import sampling
+from .devices import resolve_device, resolve_dtype
+from .models.configs import ModelSpec
+from .models.unet import make_y
+from .models.vae import sample_latent, vae_compute_dtype
+from .output import GenerationParameters
+
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+MINI_MODEL_DIR = Path(__file__).parent / "assets" / "mini"  # sdturbo-mini, trained by `sdturbo train mini`
+MAX_SIDE_PX = 2048
+PROMPT_CACHE_SIZE = 32  # encode_prompt results kept; each is ~0.3 MB in 16-bit
+
+
+@dataclass
+class TurboPipelineOutput:
+    images: list[Image.Image] | np.ndarray | torch.Tensor
+    seeds: list[int | None]  # per image; None where a caller's generator was used
+    parameters: list[GenerationParameters]  # per image, for PNG metadata
+
+
+class TurboPipeline:
+    def __init__(self, unet, text_encoder, text_encoder_2, vae, tokenizer, tokenizer_2, spec: ModelSpec, name: str):
+        self.unet, self.text_encoder, self.text_encoder_2, self.vae = unet, text_encoder, text_encoder_2, vae
+        self.tokenizer, self.tokenizer_2 = tokenizer, tokenizer_2
+        self.spec, self.name = spec, name
+        param = next(unet.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.vae_dtype = next(vae.parameters()).dtype
+        # Recent encode_prompt results, newest last: an unchanged prompt (live typing, a stream of img2img frames)
+        # costs no text encoding. Clear it after changing the text encoders' weights; size 0 turns it off.
+        self.prompt_cache: OrderedDict[tuple[str, ...], tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self.prompt_cache_size = PROMPT_CACHE_SIZE
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: str | Path,
+        device: str | torch.device | None = "auto",
+        dtype: str | torch.dtype | None = None,
+        tokenizer: str | Path | None = None,
+        variant: str | None = "fp16",
+    ) -> "TurboPipeline":
+        """model: a hub id ("stabilityai/sdxl-turbo"), a diffusers folder, a single .safetensors file, or "mini"."""
+        from .loading import LoadError, load_components
+
+        name = Path(model).stem if Path(model).exists() else str(model)  # a hub id as such, a path by its name
+        if str(model) == "mini":
+            model, name = MINI_MODEL_DIR, "sdturbo-mini"
+            if not (model / "model_index.json").exists():
+                raise LoadError(f"the bundled mini model is missing from {model}; reinstall sdturbo or run: sdturbo train mini")
+        device = resolve_device(device)
+        dtype = resolve_dtype(dtype, device)
+        c = load_components(model, device=device, dtype=dtype, tokenizer=tokenizer, variant=variant)
+        # The SDXL VAE overflows in fp16 (black/NaN images): run it in bf16 or fp32 instead.
+        c.vae.to(vae_compute_dtype(dtype, device, c.spec.vae.force_upcast))
+        return cls(c.unet, c.text_encoder, c.text_encoder_2, c.vae, c.tokenizer, c.tokenizer_2, c.spec, name)
+
+    # -- conditioning -------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def encode_prompt(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> context [B,77,ctx] (both towers' penultimate states), pooled [B,proj] (tower 2's projected EOS).
+
+        Served from self.prompt_cache when the same prompts were encoded recently; callers must not modify the
+        returned tensors in place."""
+        key = tuple(prompts)
+        if key in self.prompt_cache:
+            self.prompt_cache.move_to_end(key)
+            return self.prompt_cache[key]
+        ids1 = self.tokenizer(prompts).to(self.device)
+        ids2 = self.tokenizer_2(prompts).to(self.device)
+        h1, _ = self.text_encoder(ids1)
+        h2, pooled = self.text_encoder_2(ids2)
+        # clone: under CUDA graphs a network's output buffer is overwritten by its next replay
+        result = torch.cat([h1, h2], dim=-1).to(self.dtype), pooled.to(self.dtype).clone()
+        if self.prompt_cache_size > 0:
+            self.prompt_cache[key] = result
+            while len(self.prompt_cache) > self.prompt_cache_size:
+                self.prompt_cache.popitem(last=False)
+        return result
+
+    def _conditioning(self, prompts, negative_prompts, n: int, guidance_scale: float, height: int, width: int):
+        """context and y for the UNet batch; with CFG the unconditional half comes first, as in diffusers."""
+        context, pooled = self.encode_prompt(prompts)
+        if guidance_scale > 1.0:
+            if negative_prompts is None:  # force_zeros_for_empty_prompt: zeros, not an encoded ""
+                neg_context, neg_pooled = torch.zeros_like(context), torch.zeros_like(pooled)
+            else:
+                neg_context, neg_pooled = self.encode_prompt(negative_prompts)
+            context = torch.cat([neg_context.repeat_interleave(n, 0), context.repeat_interleave(n, 0)])
+            pooled = torch.cat([neg_pooled.repeat_interleave(n, 0), pooled.repeat_interleave(n, 0)])
+        else:
+            context, pooled = context.repeat_interleave(n, 0), pooled.repeat_interleave(n, 0)
+        time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=self.dtype, device=self.device)
+        y = make_y(pooled, time_ids.expand(pooled.shape[0], -1), self.spec.unet)
+        return context, y
+
+    # -- the call -----------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | Sequence[str],
+        num_inference_steps: int = 1,
+        guidance_scale: float = 0.0,
+        height: int | None = None,
+        width: int | None = None,
+        num_images_per_prompt: int = 1,
+        negative_prompt: str | Sequence[str] | None = None,
+        image: Image.Image | Sequence[Image.Image] | torch.Tensor | None = None,
+        strength: float = 0.5,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
+        seed: int | Sequence[int] | None = None,
+        schedule: str = "trailing",
+        output_type: str = "pil",
+    ) -> TurboPipelineOutput:
+        prompts = _as_prompt_list(prompt, "prompt")
+        n = _check_int(num_images_per_prompt, "num_images_per_prompt", 1, 64)
+        steps = _check_int(num_inference_steps, "num_inference_steps", 1, sampling.MAX_STEPS)
+        batch = len(prompts) * n
+        negative_prompts = _negative_prompts(negative_prompt, len(prompts))
+        if not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale) or guidance_scale < 0:
+            raise ValueError(f"guidance_scale must be a number >= 0, got {guidance_scale!r}")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
+        if schedule not in sampling.SCHEDULES:
+            raise ValueError(f"schedule must be one of {', '.join(sampling.SCHEDULES)}, got {schedule!r}")
+
+        pixels = None
+        if image is not None:
+            if not (isinstance(strength, (int, float)) and 0 < strength <= 1):
+                raise ValueError(f"strength must be in (0, 1], got {strength!r}")
+            if steps * strength < 1:
+                new_steps = math.ceil(1 / strength)
+                warnings.warn(
+                    f"num_inference_steps {steps} x strength {strength} < 1 would run no step; using {new_steps} steps"
+                )
+                steps = new_steps
+            pixels = self._preprocess_image(image, height, width, len(prompts), n)
+            height, width = pixels.shape[-2:]
+        height, width = self._check_size(height, width)
+        schedule_ = sampling.make_schedule(steps, schedule)
+        start = sampling.img2img_start_index(steps, strength) if pixels is not None else 0
+
+        seeds, rng = self._random_source(seed, generator, batch, schedule, steps)
+        latent_shape = (batch, self.spec.unet.in_channels, height // self._vae_scale, width // self._vae_scale)
+        noise = _NoiseDrawer(rng, latent_shape, self.dtype, self.device)
+        if pixels is None:
+            x = noise.draw() * schedule_.init_sigma.to(self.device)
+        else:
+            z0 = self._encode_image(pixels, noise, batch)
+            x = z0 + noise.draw() * schedule_.sigmas[start].to(self.device, z0.dtype)
+
+        context, y = self._conditioning(prompts, negative_prompts, n, guidance_scale, height, width)
+
+        def denoiser(x, sigma, t):
+            x_in = x / sampling.input_divisor(sigma)
+            if guidance_scale > 1.0:
+                x_in = torch.cat([x_in, x_in])
+            eps = self.unet(x_in.to(self.dtype), t.expand(x_in.shape[0]), context, y)
+            if guidance_scale > 1.0:
+                eps_uncond, eps_cond = eps.chunk(2)
+                eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+            return sampling.eps_to_denoised(x, eps, sigma)
+
+        x = sampling.euler_ancestral(denoiser, x, schedule_, lambda i: noise.draw(), start=start)
+
+        params = [
+            GenerationParameters(
+                prompt=prompts[i // n],
+                negative_prompt=negative_prompts[i // n] if negative_prompts and guidance_scale > 1 else None,
+                steps=steps,
+                guidance_scale=float(guidance_scale),
+                seed=seeds[i],
+                width=width,
+                height=height,
+                model=self.name,
+                schedule=schedule,
+                strength=float(strength) if pixels is not None else None,
+            )
+            for i in range(batch)
+        ]
+        if output_type == "latent":
+            return TurboPipelineOutput(x, seeds, params)
+        image_out = self.decode_latents(x)
+        return TurboPipelineOutput(_to_output(image_out, output_type, truncate=schedule == "substep"), seeds, params)
+
+    # -- pieces -------------------------------------------------------------------------------------------------
+
+    @property
+    def _vae_scale(self) -> int:
+        return self.spec.vae.downscale_factor
+
+    @torch.no_grad()
+    def decode_latents(self, x: torch.Tensor) -> torch.Tensor:
+        """latents [B,4,h,w] -> image [B,3,H,W] in [-1, 1] (float32)."""
+        z = x.to(self.vae_dtype) / self.spec.vae.scaling_factor
+        return self.vae.decode(z).float()
+
+    def _check_size(self, height: int | None, width: int | None) -> tuple[int, int]:
+        default = self.spec.unet.sample_size * self._vae_scale
+        height = default if height is None else height
+        width = default if width is None else width
+        for name, v in (("height", height), ("width", width)):
+            if not isinstance(v, int) or isinstance(v, bool) or not 0 < v <= MAX_SIDE_PX or v % self._vae_scale:
+                raise ValueError(
+                    f"{name} must be a multiple of {self._vae_scale} between {self._vae_scale} and {MAX_SIDE_PX}, "
+                    f"got {v!r}"
+                )
+        if (height, width) != (default, default):
+            warnings.warn(f"{width}x{height} differs from {default}x{default}, the size this model was trained at")
+        return height, width
+
+    def _random_source(self, seed, generator, batch: int, schedule: str, steps: int):
+        """-> (seeds per image, a torch.Generator / list of them, or a list of int seeds for numpy noise)."""
+        if seed is not None and generator is not None:
+            raise ValueError("pass either seed or generator, not both")
+        if generator is not None:
+            if schedule == "substep":
+                raise ValueError("schedule 'substep' draws numpy noise from integer seeds; pass seed= instead of generator=")
+            if isinstance(generator, (list, tuple)) and len(generator) != batch:
+                raise ValueError(f"got {len(generator)} generators for {batch} images; pass one per image")
+            return [None] * batch, list(generator) if isinstance(generator, (list, tuple)) else generator
+        if seed is None:
+            seeds = [random.randrange(2**32) for _ in range(batch)]
+        elif isinstance(seed, (list, tuple)):
+            seeds = [_check_seed(s) for s in seed]
+            if len(seeds) != batch:
+                raise ValueError(f"got {len(seeds)} seeds for {batch} images; pass one per image or a single int")
+        else:
+            seeds = [_check_seed(seed)] * batch
+        if schedule == "substep":
+            if max(seeds) + steps >= 2**32:
+                raise ValueError("schedule 'substep' seeds numpy, which takes seeds below 2**32 - steps; pass a smaller seed")
+            return seeds, _NumpySeeds(seeds)
+        if isinstance(seed, int):  # one generator for the whole batch, like diffusers' generator=manual_seed(seed)
+            return seeds, torch.Generator("cpu").manual_seed(seed)
+        return seeds, [torch.Generator("cpu").manual_seed(s) for s in seeds]
+
+    def _preprocess_image(self, image, height, width, num_prompts: int, n: int) -> torch.Tensor:
+        """PIL image(s) or a [B,3,H,W] tensor in [0,1] -> [B,3,H,W] in [-1,1] on the device, one per output image."""
+        if isinstance(image, torch.Tensor):
+            if image.ndim == 3:
+                image = image[None]
+            if image.ndim != 4 or image.shape[1] != 3:
+                raise ValueError(f"image tensor must be [B,3,H,W] in [0, 1], got shape {tuple(image.shape)}")
+            pixels = image.float() * 2 - 1
+            if height is not None or width is not None:
+                pixels = torch.nn.functional.interpolate(pixels, size=(height, width), mode="bicubic")
+        else:
+            images = list(image) if isinstance(image, (list, tuple)) else [image]
+            if not all(isinstance(im, Image.Image) for im in images):
+                raise ValueError("image must be a PIL image, a list of PIL images, or a [B,3,H,W] tensor in [0, 1]")
+            w0, h0 = images[0].size
+            s = self._vae_scale
+            size = (width or w0 - w0 % s, height or h0 - h0 % s)
+            if min(size) < s:
+                raise ValueError(f"image is {w0}x{h0}; it must be at least {s}x{s} pixels")
+            arrays = [np.asarray(im.convert("RGB").resize(size, Image.LANCZOS), dtype=np.float32) / 255.0 for im in images]
+            pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) * 2 - 1
+        b = pixels.shape[0]
+        if b == num_prompts * n or b == 1:
+            pass
+        elif b == num_prompts:
+            pixels = pixels.repeat_interleave(n, 0)
+        else:
+            raise ValueError(f"got {b} images for {num_prompts} prompts; pass 1, one per prompt, or one per output image")
+        return pixels.to(self.device)
+
+    def _encode_image(self, pixels: torch.Tensor, noise: "_NoiseDrawer", batch: int) -> torch.Tensor:
+        """Sample the VAE posterior with the caller's random stream (diffusers' order: this draw comes first)."""
+        pixels = pixels.to(self.vae_dtype)
+        if isinstance(noise.rng, list) and pixels.shape[0] == 1:
+            pixels = pixels.expand(batch, -1, -1, -1)
+        mean, logvar = self.vae.encode(pixels)
+        z = sample_latent(mean, logvar, noise.draw(tuple(mean.shape)).to(mean.dtype))
+        z0 = (self.spec.vae.scaling_factor * z).to(self.dtype)
+        if z0.shape[0] != batch:
+            z0 = z0.expand(batch, -1, -1, -1)
+        return z0
+
+
+class _NumpySeeds(list):
+    """Integer seeds for generative-models-style noise: draw k of image b uses RandomState(seed_b + k)."""
+
+
+class _NoiseDrawer:
+    """Unit Gaussian noise drawn the way the chosen reference draws it, one call per use in its order."""
+
+    def __init__(self, rng, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device):
+        self.rng, self.shape, self.dtype, self.device = rng, shape, dtype, device
+        self.calls = 0
+
+    def draw(self, shape: tuple[int, ...] | None = None) -> torch.Tensor:
+        shape = shape or self.shape
+        if isinstance(self.rng, _NumpySeeds):
+            parts = [np.random.RandomState(s + self.calls).randn(1, *shape[1:]) for s in self.rng]
+            out = torch.from_numpy(np.concatenate(parts)).float()
+        elif isinstance(self.rng, list):  # diffusers randn_tensor with one generator per image
+            out = torch.cat(
+                [torch.randn((1, *shape[1:]), generator=g, device=g.device, dtype=self.dtype) for g in self.rng]
+            )
+        else:
+            out = torch.randn(shape, generator=self.rng, device=self.rng.device, dtype=self.dtype)
+        self.calls += 1
+        return out.to(self.device, self.dtype)
+
+
+def _to_output(image: torch.Tensor, output_type: str, truncate: bool):
+    image = (image / 2 + 0.5).clamp(0, 1)
+    if output_type == "pt":
+        return image.cpu()
+    if output_type == "np":
+        return image.permute(0, 2, 3, 1).cpu().numpy()
+    # uint8 on the device: diffusers rounds, generative-models truncates.
+    scaled = image * 255
+    pixels = (scaled if truncate else scaled.round()).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(p) for p in pixels]
+
+
+def _as_prompt_list(prompt, name: str) -> list[str]:
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt) if isinstance(prompt, (list, tuple)) else None
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ValueError(f"{name} must be a string or a non-empty list of strings")
+    return prompts
+
+
+def _negative_prompts(negative_prompt, num_prompts: int) -> list[str] | None:
+    if negative_prompt is None:
+        return None
+    negatives = _as_prompt_list(negative_prompt, "negative_prompt")
+    if len(negatives) == 1:
+        return negatives * num_prompts
+    if len(negatives) != num_prompts:
+        raise ValueError(f"got {len(negatives)} negative prompts for {num_prompts} prompts")
+    return negatives
+
+
+def _check_int(value, name: str, lo: int, hi: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+        raise ValueError(f"{name} must be an integer from {lo} to {hi}, got {value!r}")
+    return value
+
+
+def _check_seed(seed) -> int:
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**64:
+        raise ValueError(f"seed must be an integer from 0 to 2**64 - 1, got {seed!r}")
+    return seed

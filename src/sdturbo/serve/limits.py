@@ -1,0 +1,39 @@
+"""The server's own limits (ServeSettings), applied to already-parsed requests; each refusal names its field."""
+
+from __future__ import annotations
+
+import secrets
+
+from .errors import ApiError
+from .schemas import MAX_SEED
+from .settings import ServeSettings
+
+
+def check_side(settings: ServeSettings, side_px: int | None, field: str) -> int:
+    """-> the side in pixels, the server's default when the request names none."""
+    side_px = settings.default_side_px if side_px is None else side_px
+    if side_px > settings.max_side_px:
+        raise ApiError(
+            422, f"{field}: {side_px} px exceeds this server's limit of {settings.max_side_px} px a side", field
+        )
+    return side_px
+
+
+def check_steps(settings: ServeSettings, steps: int, field: str) -> int:
+    if steps > settings.max_steps:
+        raise ApiError(422, f"{field}: {steps} exceeds this server's limit of {settings.max_steps} steps", field)
+    return steps
+
+
+def check_count(settings: ServeSettings, n: int, field: str) -> int:
+    """A request's images run in one pipeline call, so --max-batch bounds them too."""
+    limit = min(settings.max_images_per_request, settings.max_batch)
+    if n > limit:
+        raise ApiError(422, f"{field}: {n} exceeds this server's limit of {limit} images a request", field)
+    return n
+
+
+def image_seeds(seed: int | None, n: int) -> tuple[int, ...]:
+    """Image i gets seed + i (A1111's and diffusers' convention); no seed means a random one."""
+    base = secrets.randbelow(MAX_SEED + 1) if seed is None else seed
+    return tuple(base + i for i in range(n))

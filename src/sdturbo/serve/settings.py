@@ -1,0 +1,68 @@
+"""ServeSettings: everything `sdturbo serve` can be told, validated once at startup. Safe defaults live here."""
+
+from __future__ import annotations
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ServeSettings(BaseSettings):
+    """Read from keyword arguments (the command line) first, then SDTURBO_* environment variables.
+
+    The environment lets an operator pass the API key without it showing in `ps` (SDTURBO_API_KEY)."""
+
+    model_config = SettingsConfigDict(env_prefix="SDTURBO_", extra="forbid")
+
+    model: str = "stabilityai/sdxl-turbo"
+    """Hub id, diffusers folder or single file. Only the operator chooses it: no request can name another."""
+    device: str = "auto"
+    """auto, cpu, cuda or cuda:N; one model worker runs on it."""
+    dtype: str | None = None
+    """fp32, fp16 or bf16; None picks fp16 on CUDA and fp32/bf16 on CPU."""
+    host: str = "127.0.0.1"
+    """Loopback by default: the server is reachable from this machine only unless told otherwise."""
+    port: int = Field(8000, ge=0, le=65535)
+    api_key: SecretStr | None = None
+    """When set, every endpoint but /healthz and the static page needs `Authorization: Bearer <key>`."""
+    allow_origins: list[str] = []
+    """Origins allowed by CORS and for browser WebSockets from other sites; empty = same origin only."""
+    allowed_hosts: list[str] = []
+    """Host names answered besides loopback ones, when bound to loopback (e.g. a reverse proxy's); "*" = any."""
+
+    max_batch: int = Field(8, ge=1, le=64)
+    """Most images generated in one pipeline call."""
+    max_queue: int = Field(64, ge=1, le=10_000)
+    """Most requests waiting for the model; one more is answered 429 with Retry-After."""
+    request_timeout_s: float = Field(120.0, gt=0)
+    """A request not answered by then (queue wait included) fails with 503 and leaves the queue."""
+
+    default_side_px: int = Field(512, ge=64, le=2048, multiple_of=8)
+    """Width and height when a request names no size (the size SDXL-Turbo was trained at)."""
+    max_side_px: int = Field(1024, ge=64, le=2048, multiple_of=8)
+    max_steps: int = Field(4, ge=1, le=50)
+    """SDXL-Turbo is distilled for 1-4 steps; more cost time without helping."""
+    max_images_per_request: int = Field(4, ge=1, le=64)
+    max_upload_bytes: int = Field(8 * 2**20, ge=1024)
+    """Largest uploaded image file; request bodies may be this plus a little form overhead."""
+    max_upload_pixels: int = Field(4096 * 4096, ge=64 * 64)
+    """Largest decoded image (width x height): refuses decompression bombs before decoding them."""
+
+    @field_validator("api_key")
+    @classmethod
+    def _key_not_blank(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None and len(v.get_secret_value().strip()) < 8:
+            raise ValueError("api_key must be at least 8 characters")
+        return v
+
+    @field_validator("max_side_px")
+    @classmethod
+    def _default_fits(cls, v: int, info) -> int:
+        default = info.data.get("default_side_px", 512)
+        if v < default:
+            raise ValueError(f"max_side_px {v} is below default_side_px {default}")
+        return v
+
+    @property
+    def max_body_bytes(self) -> int:
+        """Uploads travel base64-encoded inside JSON (WebSocket) or with form fields (multipart): 4/3 plus slack."""
+        return self.max_upload_bytes * 4 // 3 + 64 * 1024

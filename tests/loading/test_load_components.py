@@ -1,0 +1,171 @@
+"""load_components end to end on tiny random checkpoints: both layouts, dtypes, variants, strictness, tokenizers."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from sdturbo.loading import Components, LoadError, load_components, save_diffusers_folder, save_single_file
+from sdturbo.loading.keymaps import COMPONENTS
+from sdturbo.models.configs import TINY
+
+
+def assert_weights_equal(components: Components, state_dicts, dtype=torch.float32):
+    for name in COMPONENTS:
+        loaded = components.models()[name].state_dict()
+        assert loaded.keys() == state_dicts[name].keys(), name
+        assert all(torch.equal(loaded[k], t.to(dtype)) for k, t in state_dicts[name].items()), name
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_folder, tiny_single_file) -> tuple[Components, Components]:
+    """(from the diffusers folder, from the single file), both fp32."""
+    return load_components(tiny_folder), load_components(tiny_single_file, tokenizer=tiny_folder)
+
+
+def test_single_file_and_folder_load_bit_identical(loaded, tiny_single_file, tiny_state_dicts):
+    from_folder, from_file = loaded
+    for components in loaded:
+        assert components.spec == TINY
+        assert_weights_equal(components, tiny_state_dicts)
+        models = components.models().values()
+        assert not any(m.training for m in models)
+        # nothing left on the meta device (a non-persistent buffer would be: it is in no checkpoint)
+        assert not any(t.is_meta for m in models for t in [*m.parameters(), *m.buffers()])
+    assert from_file.name == str(tiny_single_file)
+    assert from_folder.tokenizer("a cat").tolist() == from_file.tokenizer("a cat").tolist()
+
+
+def test_loaded_model_runs(loaded):
+    c = loaded[0]
+    h, pooled = c.text_encoder_2(c.tokenizer_2(["a photo of a cat"]))
+    assert h.shape == (1, 77, TINY.text_encoder_2.hidden_size) and pooled.shape == (1, 128)
+
+
+def test_bf16_load_casts_every_tensor(tiny_single_file, tiny_folder, tiny_state_dicts):
+    c = load_components(tiny_single_file, dtype=torch.bfloat16, tokenizer=tiny_folder)
+    assert {t.dtype for m in c.models().values() for t in m.state_dict().values()} == {torch.bfloat16}
+    assert_weights_equal(c, tiny_state_dicts, torch.bfloat16)
+
+
+def test_fp16_variant_is_preferred_and_plain_is_the_fallback(tiny_folder, tmp_path, tiny_state_dicts):
+    folder = shutil.copytree(tiny_folder, tmp_path / "both")
+    half = {name: {k: t.half() for k, t in sd.items()} for name, sd in tiny_state_dicts.items()}
+    save_diffusers_folder(folder, half, TINY, variant="fp16")
+    # dtype=None keeps each file's dtype, which tells which file was read
+    assert load_components(folder, dtype=None).unet.conv_in.weight.dtype == torch.float16
+    assert load_components(folder, dtype=None, variant=None).unet.conv_in.weight.dtype == torch.float32
+
+
+def _rewrite(path, edit) -> None:
+    tensors = load_file(path)
+    edit(tensors)
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+def test_strict_errors_name_every_bad_key(tiny_folder, tmp_path):
+    folder = shutil.copytree(tiny_folder, tmp_path / "bad")
+
+    def break_unet(t):
+        del t["conv_in.bias"]
+        t["down_blocks.0.resnets.0.extra.weight"] = torch.zeros(1)
+        t["conv_out.weight"] = torch.zeros(3, 64, 3, 3)
+
+    _rewrite(folder / "unet" / "diffusion_pytorch_model.safetensors", break_unet)
+    _rewrite(folder / "vae" / "diffusion_pytorch_model.safetensors", lambda t: t.pop("decoder.conv_out.bias"))
+    with pytest.raises(LoadError) as e:
+        load_components(folder)
+    message = str(e.value)
+    assert "\n" not in message
+    assert "2 missing [unet.conv_in.bias, vae.decoder.conv_out.bias]" in message
+    assert "1 unexpected [unet.down_blocks.0.resnets.0.extra.weight]" in message
+    assert "1 mis-shaped [unet.conv_out.weight [3, 64, 3, 3] (model: [4, 64, 3, 3])]" in message
+
+
+def test_error_lists_at_most_ten_names_and_counts_the_rest(tiny_folder, tmp_path):
+    folder = shutil.copytree(tiny_folder, tmp_path / "few")
+    _rewrite(folder / "text_encoder" / "model.safetensors", lambda t: [t.pop(k) for k in list(t)[:15]])
+    with pytest.raises(LoadError, match=r"15 missing \[(text_encoder\.[^,\]]+, ){9}text_encoder\.[^,\]]+ and 5 more\]"):
+        load_components(folder)
+
+
+def test_single_file_strictness_reports_unmapped_and_ignores_harmless_buffers(tmp_path, tiny_state_dicts, tiny_folder):
+    path = save_single_file(tmp_path / "x.safetensors", tiny_state_dicts, TINY)
+    harmless = {
+        "conditioner.embedders.0.transformer.text_model.embeddings.position_ids": torch.arange(77.0)[None],
+        "conditioner.embedders.1.model.logit_scale": torch.tensor(4.6),
+        "denoiser.sigmas": torch.linspace(0.03, 14.6, 1000),
+    }
+    _rewrite(path, lambda t: t.update(harmless))
+    assert_weights_equal(load_components(path, tokenizer=tiny_folder), tiny_state_dicts)
+
+    def add_stray(t):
+        t["model_ema.decay"] = torch.tensor(0.999)
+        del t["first_stage_model.encoder.mid.attn_1.k.bias"]
+
+    _rewrite(path, add_stray)
+    expected = r"1 missing \[vae.encoder.mid_block.attentions.0.to_k.bias\]; 1 unexpected \[model_ema.decay\]"
+    with pytest.raises(LoadError, match=expected):
+        load_components(path, tokenizer=tiny_folder)
+
+
+def test_bad_sources(tmp_path, tiny_single_file, tiny_folder):
+    with pytest.raises(LoadError, match="weights file .*missing.safetensors does not exist"):
+        load_components(tmp_path / "missing.safetensors", tokenizer=tiny_folder)
+    ckpt = tmp_path / "sd_xl_turbo_1.0.ckpt"
+    ckpt.write_bytes(b"not read")
+    with pytest.raises(LoadError, match=r"sd_xl_turbo_1.0.ckpt is a pickle file, .*convert it to safetensors once"):
+        load_components(ckpt, tokenizer=tiny_folder)
+    with pytest.raises(LoadError, match="is neither a folder, a .safetensors file nor a Hugging Face model id"):
+        load_components(tmp_path / "no" / "such" / "model")
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(tiny_single_file.read_bytes()[:-100])
+    with pytest.raises(LoadError, match=r"truncated.safetensors is corrupt or truncated \(.*\); re-download it"):
+        load_components(truncated, tokenizer=tiny_folder)
+
+
+def test_one_vocab_folder_serves_both_towers_with_their_pad_ids(tiny_single_file, tokenizer_folders):
+    tokenizer_2_folder = tokenizer_folders[1]  # its own config pads with "!": TE1 must still pad with eos
+    c = load_components(tiny_single_file, tokenizer=tokenizer_2_folder)
+    assert c.tokenizer("a")[0, -1].item() == 49407
+    assert c.tokenizer_2("a")[0, -1].item() == 0
+
+
+def test_tokenizer_folder_without_vocab_is_named(tiny_single_file, tmp_path):
+    with pytest.raises(LoadError, match="has no vocab.json \+ merges.txt or tokenizer.json"):
+        load_components(tiny_single_file, tokenizer=tmp_path)
+
+
+def test_models_are_built_on_meta_and_adopt_the_read_tensors(tiny_single_file, tiny_folder, monkeypatch):
+    """assign=True: the parameters are the tensors read from the file, not copies into freshly allocated ones."""
+    import sdturbo.loading as loading
+
+    read = {}
+    original = loading.read_tensors
+
+    def spy(*args, **kwargs):
+        read.update(original(*args, **kwargs))
+        return read
+
+    monkeypatch.setattr(loading, "read_tensors", spy)
+    c = load_components(tiny_single_file, dtype=torch.float16, tokenizer=tiny_folder)
+    weight = read["model.diffusion_model.input_blocks.0.0.weight"]
+    assert c.unet.conv_in.weight.data_ptr() == weight.data_ptr()
+
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("layout", ["folder", "single file"])
+def test_loads_straight_to_cuda(layout, tiny_folder, tiny_single_file, tiny_state_dicts):
+    source = tiny_folder if layout == "folder" else tiny_single_file
+    c = load_components(source, device="cuda", dtype=torch.float16, tokenizer=tiny_folder)
+    tensors = [t for m in c.models().values() for t in m.state_dict().values()]
+    assert {(t.device.type, t.dtype) for t in tensors} == {("cuda", torch.float16)}
+    expected = tiny_state_dicts["unet"]["conv_in.weight"].half()
+    assert torch.equal(c.unet.conv_in.weight.cpu(), expected)
+    with torch.no_grad():
+        h, pooled = c.text_encoder_2(c.tokenizer_2(["a cat"]).cuda())
+    assert pooled.shape == (1, 128) and torch.isfinite(h).all()

@@ -1,0 +1,87 @@
+"""`sdturbo serve`: flags -> settings, bad flags -> exit code 2, and the real command serving the tiny model."""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from sdturbo.serve import add_serve_arguments, serve_main
+from sdturbo.serve.command import settings_from_args
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    return add_serve_arguments(argparse.ArgumentParser()).parse_args(argv)
+
+
+def test_flags_become_settings_and_safe_defaults_stay():
+    s = settings_from_args(
+        parse(
+            "--port",
+            "9001",
+            "--max-batch",
+            "4",
+            "--allow-origin",
+            "http://a.example",
+            "http://b.example",
+            "--timeout",
+            "5",
+        )
+    )
+    assert (s.port, s.max_batch, s.request_timeout_s) == (9001, 4, 5.0)
+    assert s.allow_origins == ["http://a.example", "http://b.example"]
+    assert s.host == "127.0.0.1" and s.api_key is None and s.allowed_hosts == []
+
+
+def test_api_key_from_the_environment(monkeypatch):
+    monkeypatch.setenv("SDTURBO_API_KEY", "from-the-environment")
+    assert settings_from_args(parse()).api_key.get_secret_value() == "from-the-environment"
+    assert settings_from_args(parse("--api-key", "from-the-flag!")).api_key.get_secret_value() == "from-the-flag!"
+
+
+@pytest.mark.parametrize(
+    "argv, field",
+    [(["--max-batch", "0"], "max_batch"), (["--port", "70000"], "port"), (["--api-key", "short"], "api_key")],
+)
+def test_bad_flags_exit_2_before_loading_a_model(argv, field, capsys):
+    assert serve_main(parse(*argv)) == 2
+    assert field in capsys.readouterr().err
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+
+
+@pytest.mark.slow
+def test_sdturbo_serve_command_serves_the_tiny_model(tiny_model_dir):
+    port = free_port()
+    argv = ["--model", str(tiny_model_dir), "--device", "cpu", "--dtype", "fp32", "--port", str(port)]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sdturbo", "serve", *argv], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                if httpx.get(url + "/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the server did not come up"
+            time.sleep(0.2)
+        body = {"prompt": "from the command line", "size": "64x64", "seed": 1}
+        r = httpx.post(url + "/v1/images/generations", json=body, timeout=120)
+        assert r.status_code == 200, r.text
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

@@ -1,0 +1,135 @@
+"""Safe by default: API key on everything but /healthz and the static page, loopback Host names only, no
+cross-site Origin, CORS only when asked for, bounded request bodies."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+import websockets.sync.client as ws_client
+from PIL import Image
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from fake_pipeline import FakePipeline
+from serve_helpers import assert_error, encoded, running_server
+
+KEY = "correct-horse-battery"
+PNG = encoded(Image.new("RGB", (64, 64)))
+
+PROTECTED = [
+    ("GET", "/metrics", {}),
+    ("GET", "/openapi.json", {}),
+    ("POST", "/v1/images/generations", {"json": {"prompt": "x", "size": "64x64"}}),
+    (
+        "POST",
+        "/v1/images/edits",
+        {"files": {"image": ("a.png", PNG, "image/png")}, "data": {"prompt": "x", "size": "64x64"}},
+    ),
+    ("POST", "/sdapi/v1/txt2img", {"json": {"prompt": "x", "width": 64, "height": 64}}),
+]
+
+
+@pytest.fixture(scope="module")
+def keyed_server():
+    with running_server(FakePipeline(), api_key=KEY) as s:
+        yield s
+
+
+@pytest.mark.parametrize("method, path, kw", PROTECTED)
+@pytest.mark.parametrize("authorization", [None, "Bearer wrong-key-123", f"Basic {KEY}", "Bearer"])
+def test_every_endpoint_needs_the_key(keyed_server, method, path, kw, authorization):
+    headers = {"Authorization": authorization} if authorization else {}
+    r = httpx.request(method, keyed_server.url + path, headers=headers, **kw)
+    assert_error(r, 401, "Authorization")
+    assert r.headers["www-authenticate"] == "Bearer"
+
+
+@pytest.mark.parametrize("method, path, kw", PROTECTED)
+def test_the_right_key_opens_every_endpoint(keyed_server, method, path, kw):
+    r = httpx.request(method, keyed_server.url + path, headers={"Authorization": f"Bearer {KEY}"}, **kw)
+    assert r.status_code == 200, r.text
+
+
+def test_healthz_and_the_static_page_need_no_key(keyed_server):
+    for path in ("/healthz", "/", "/static/app.js"):
+        assert httpx.get(keyed_server.url + path).status_code == 200
+
+
+def test_websocket_key_by_header_or_first_message(keyed_server):
+    with ws_client.connect(keyed_server.ws_url, additional_headers={"Authorization": f"Bearer {KEY}"}) as ws:
+        assert json.loads(ws.recv(timeout=10))["auth_required"] is False
+    with ws_client.connect(keyed_server.ws_url) as ws:
+        assert json.loads(ws.recv(timeout=10))["auth_required"] is True
+        ws.send(json.dumps({"type": "auth", "api_key": KEY}))
+        assert json.loads(ws.recv(timeout=10)) == {"type": "auth", "ok": True}
+        ws.send(json.dumps({"type": "generate", "id": 1, "prompt": "x", "width": 64, "height": 64}))
+        assert json.loads(ws.recv(timeout=10))["type"] == "image"
+    with ws_client.connect(keyed_server.ws_url) as ws:
+        ws.recv(timeout=10)
+        ws.send(json.dumps({"type": "generate", "prompt": "x"}))  # not an auth message: refused and closed
+        assert json.loads(ws.recv(timeout=10))["error"]["code"] == 401
+        with pytest.raises(ConnectionClosed):
+            ws.recv(timeout=10)
+    with pytest.raises(InvalidStatus) as err:
+        ws_client.connect(keyed_server.ws_url, additional_headers={"Authorization": "Bearer wrong-key-123"})
+    assert err.value.response.status_code == 403
+
+
+def test_foreign_host_names_are_refused_on_loopback(server):
+    """DNS rebinding: a page at evil.example re-pointed to 127.0.0.1 sends Host: evil.example."""
+    assert_error(httpx.get(server.url + "/healthz", headers={"Host": "evil.example"}), 421, "Host")
+    for host in ("localhost", "127.0.0.1:8000", "[::1]:8000", "localhost:1"):
+        assert httpx.get(server.url + "/healthz", headers={"Host": host}).status_code == 200, host
+
+
+def test_allowed_hosts_extend_the_loopback_names(start_server):
+    s = start_server(allowed_hosts=["images.internal"])
+    assert httpx.get(s.url + "/healthz", headers={"Host": "images.internal:443"}).status_code == 200
+    assert httpx.get(s.url + "/healthz", headers={"Host": "other.internal"}).status_code == 421
+
+
+def test_cross_site_requests_are_refused(server):
+    body = {"prompt": "x", "size": "64x64"}
+    r = httpx.post(server.url + "/v1/images/generations", json=body, headers={"Origin": "http://evil.example"})
+    assert_error(r, 403, "Origin")
+    same_origin = {"Origin": server.url}
+    assert httpx.post(server.url + "/v1/images/generations", json=body, headers=same_origin).status_code == 200
+    with pytest.raises(InvalidStatus) as err:
+        ws_client.connect(server.ws_url, origin="http://evil.example")
+    assert err.value.response.status_code == 403
+    with ws_client.connect(server.ws_url, origin=server.url) as ws:
+        assert json.loads(ws.recv(timeout=10))["type"] == "hello"
+
+
+def test_cors_is_off_by_default_and_on_for_named_origins(server, start_server):
+    preflight = {"Origin": "http://app.example", "Access-Control-Request-Method": "POST"}
+    r = httpx.options(server.url + "/v1/images/generations", headers=preflight)
+    assert "access-control-allow-origin" not in r.headers
+    s = start_server(allow_origins=["http://app.example"])
+    r = httpx.options(
+        s.url + "/v1/images/generations", headers=preflight | {"Access-Control-Request-Headers": "authorization"}
+    )
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://app.example"
+    r = httpx.post(
+        s.url + "/v1/images/generations",
+        json={"prompt": "x", "size": "64x64"},
+        headers={"Origin": "http://app.example"},
+    )
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://app.example"
+    with ws_client.connect(s.ws_url, origin="http://app.example") as ws:
+        assert json.loads(ws.recv(timeout=10))["type"] == "hello"
+
+
+def test_request_bodies_are_bounded(start_server):
+    s = start_server(max_upload_bytes=10_000)
+    limit = s.settings.max_body_bytes
+    url = s.url + "/v1/images/generations"
+    r = httpx.post(url, content=b"x" * (limit + 1), headers={"content-type": "application/json"})
+    assert_error(r, 413, "body")
+
+    def chunks():  # no Content-Length: chunked transfer encoding, counted as it arrives
+        for _ in range(limit // 1000 + 2):
+            yield b" " * 1000
+
+    assert_error(httpx.post(url, content=chunks(), headers={"content-type": "application/json"}), 413, "body")

@@ -1,0 +1,197 @@
+"""End-to-end parity with diffusers' SDXL pipelines on identical random weights (fp32, CPU), and the pipeline's
+own behaviour: seeds, output types, bad arguments."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sdturbo.pipeline import TurboPipeline
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*differs from.*the size this model was trained at")
+
+LATENT_TOL = 1e-4
+IMAGE_TOL = 1e-3
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_model_dir) -> TurboPipeline:
+    return TurboPipeline.from_pretrained(tiny_model_dir, device="cpu", dtype=torch.float32)
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator("cpu").manual_seed(seed)
+
+
+def max_diff(a, b) -> float:
+    a = torch.as_tensor(np.asarray(a)) if not isinstance(a, torch.Tensor) else a
+    b = torch.as_tensor(np.asarray(b)) if not isinstance(b, torch.Tensor) else b
+    return (a.float() - b.float()).abs().max().item()
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize("steps", [1, 2, 4])
+def test_txt2img_latents_and_images_match_diffusers(pipe, reference_pipeline, steps):
+    prompt = "a red circle left of a blue square"
+    ref = reference_pipeline(prompt, num_inference_steps=steps, guidance_scale=0.0, height=64, width=64,
+                             generator=gen(7), output_type="latent").images
+    ours = pipe(prompt, num_inference_steps=steps, height=64, width=64, seed=7, output_type="latent").images
+    assert ours.shape == ref.shape
+    assert max_diff(ours, ref) <= LATENT_TOL
+    ref_np = reference_pipeline(prompt, num_inference_steps=steps, guidance_scale=0.0, height=64, width=64,
+                                generator=gen(7), output_type="np").images
+    ours_np = pipe(prompt, num_inference_steps=steps, height=64, width=64, seed=7, output_type="np").images
+    assert max_diff(ours_np, ref_np) <= IMAGE_TOL
+
+
+@pytest.mark.parity
+def test_non_square_size_matches_diffusers(pipe, reference_pipeline):
+    ref = reference_pipeline("a green triangle", num_inference_steps=2, guidance_scale=0.0, height=64, width=96,
+                             generator=gen(3), output_type="np").images
+    ours = pipe("a green triangle", num_inference_steps=2, height=64, width=96, seed=3, output_type="np").images
+    assert ours.shape == ref.shape == (1, 64, 96, 3)
+    assert max_diff(ours, ref) <= IMAGE_TOL
+
+
+@pytest.mark.parity
+def test_batch_with_per_image_seeds_matches_diffusers(pipe, reference_pipeline):
+    prompts = ["a red circle", "a large blue square"]
+    seeds = [11, 12, 13, 14]
+    ref = reference_pipeline(prompts, num_images_per_prompt=2, num_inference_steps=2, guidance_scale=0.0,
+                             height=64, width=64, generator=[gen(s) for s in seeds], output_type="latent").images
+    ours = pipe(prompts, num_images_per_prompt=2, num_inference_steps=2, height=64, width=64, seed=seeds,
+                output_type="latent").images
+    assert max_diff(ours, ref) <= LATENT_TOL
+    # Each image depends only on its own prompt and seed: image 3 alone equals image 3 of the batch.
+    alone = pipe(prompts[1], num_inference_steps=2, height=64, width=64, seed=[seeds[3]], output_type="latent").images
+    assert max_diff(alone[0], ours[3]) <= LATENT_TOL
+
+
+@pytest.mark.parity
+def test_single_seed_for_a_batch_matches_one_diffusers_generator(pipe, reference_pipeline):
+    ref = reference_pipeline("a circle", num_images_per_prompt=3, num_inference_steps=2, guidance_scale=0.0,
+                             height=64, width=64, generator=gen(5), output_type="latent").images
+    ours = pipe("a circle", num_images_per_prompt=3, num_inference_steps=2, height=64, width=64, seed=5,
+                output_type="latent").images
+    assert max_diff(ours, ref) <= LATENT_TOL
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize("negative", [None, "blurry, low quality"])
+def test_guidance_with_negative_prompt_matches_diffusers(pipe, reference_pipeline, negative):
+    kw = dict(num_inference_steps=2, guidance_scale=3.0, height=64, width=64, negative_prompt=negative)
+    ref = reference_pipeline("a purple square", generator=gen(21), output_type="latent", **kw).images
+    ours = pipe("a purple square", seed=21, output_type="latent", **kw).images
+    assert max_diff(ours, ref) <= LATENT_TOL
+    plain = pipe("a purple square", seed=21, output_type="latent", num_inference_steps=2, height=64, width=64).images
+    assert max_diff(ours, plain) > 1e-3  # guidance really changed the result
+
+
+@pytest.fixture(scope="module")
+def input_image() -> Image.Image:
+    rng = np.random.default_rng(0)
+    return Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize("steps,strength", [(2, 0.5), (4, 0.75), (1, 1.0)])
+def test_img2img_matches_diffusers(pipe, reference_pipeline, input_image, steps, strength):
+    import diffusers
+
+    img2img = diffusers.StableDiffusionXLImg2ImgPipeline(**reference_pipeline.components)
+    img2img.set_progress_bar_config(disable=True)
+    kw = dict(num_inference_steps=steps, strength=strength, guidance_scale=0.0)
+    ref = img2img("a yellow circle", image=input_image, generator=gen(9), output_type="latent", **kw).images
+    ours = pipe("a yellow circle", image=input_image, seed=9, output_type="latent", **kw).images
+    assert max_diff(ours, ref) <= LATENT_TOL
+    ref_np = img2img("a yellow circle", image=input_image, generator=gen(9), output_type="np", **kw).images
+    ours_np = pipe("a yellow circle", image=input_image, seed=9, output_type="np", **kw).images
+    assert max_diff(ours_np, ref_np) <= IMAGE_TOL
+
+
+@pytest.mark.parity
+def test_img2img_batch_with_per_image_seeds_matches_diffusers(pipe, reference_pipeline, input_image):
+    import diffusers
+
+    img2img = diffusers.StableDiffusionXLImg2ImgPipeline(**reference_pipeline.components)
+    img2img.set_progress_bar_config(disable=True)
+    kw = dict(num_inference_steps=2, strength=0.5, guidance_scale=0.0, num_images_per_prompt=2)
+    ref = img2img("a white square", image=input_image, generator=[gen(1), gen(2)], output_type="latent", **kw).images
+    ours = pipe("a white square", image=input_image, seed=[1, 2], output_type="latent", **kw).images
+    assert max_diff(ours, ref) <= LATENT_TOL
+
+
+def test_same_seed_same_image_and_output_types(pipe):
+    a = pipe("a black triangle", seed=1, output_type="pil")
+    b = pipe("a black triangle", seed=1, output_type="pil")
+    assert isinstance(a.images[0], Image.Image) and a.images[0].size == (64, 64)
+    assert np.array_equal(np.asarray(a.images[0]), np.asarray(b.images[0]))
+    assert a.seeds == [1]
+    pt = pipe("a black triangle", seed=1, output_type="pt").images
+    assert pt.shape == (1, 3, 64, 64) and 0 <= pt.min() and pt.max() <= 1
+    np_img = pipe("a black triangle", seed=1, output_type="np").images
+    assert np.array_equal(np.asarray(a.images[0]), (np_img[0] * 255).round().astype(np.uint8))
+    c = pipe("a black triangle", seed=2, output_type="np").images
+    assert max_diff(c, np_img) > 1e-3
+
+
+def test_random_seeds_are_reported_and_reproduce(pipe):
+    out = pipe("a circle", num_images_per_prompt=2, output_type="latent")
+    assert len(out.seeds) == 2 and all(isinstance(s, int) for s in out.seeds)
+    again = pipe("a circle", seed=[out.seeds[1]], output_type="latent")
+    assert max_diff(again.images[0], out.images[1]) <= LATENT_TOL
+    assert out.parameters[1].seed == out.seeds[1]
+
+
+def test_substep_schedule_uses_numpy_noise(pipe):
+    """generative-models' turbo demo: x_T = RandomState(seed) noise x sqrt(1 + sigma_max^2); 1 step = x_T - sigma eps."""
+    from sdturbo import sampling
+    from sdturbo.models.unet import make_y
+
+    seed = 42
+    out = pipe("a red circle", seed=seed, schedule="substep", output_type="latent").images
+    s = sampling.make_schedule(1, "substep")
+    n = torch.from_numpy(np.random.RandomState(seed).randn(1, 4, 8, 8)).float()
+    x = n * torch.sqrt(1 + s.sigmas[0] ** 2)
+    context, pooled = pipe.encode_prompt(["a red circle"])
+    y = make_y(pooled, torch.tensor([[64.0, 64, 0, 0, 64, 64]]), pipe.spec.unet)
+    eps = pipe.unet(x / torch.sqrt(s.sigmas[0] ** 2 + 1), torch.tensor([999.0]), context, y)
+    assert max_diff(out, x - s.sigmas[0] * eps) <= LATENT_TOL
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(height=60), "height must be a multiple of 8"),
+        (dict(width=0), "width must be a multiple of 8"),
+        (dict(num_inference_steps=0), "num_inference_steps must be an integer from 1 to 50"),
+        (dict(num_inference_steps=51), "num_inference_steps"),
+        (dict(guidance_scale=-1.0), "guidance_scale"),
+        (dict(output_type="jpeg"), "output_type"),
+        (dict(schedule="karras"), "schedule"),
+        (dict(seed=[1, 2]), "seeds for 1 images"),
+        (dict(seed=-3), "seed must be"),
+        (dict(num_images_per_prompt=0), "num_images_per_prompt"),
+    ],
+)
+def test_bad_arguments_raise_one_line_errors(pipe, kwargs, match):
+    with pytest.raises(ValueError, match=match) as e:
+        pipe("a circle", **kwargs)
+    assert "\n" not in str(e.value)
+
+
+def test_img2img_strength_validation_and_step_raise(pipe, input_image):
+    with pytest.raises(ValueError, match=r"strength must be in \(0, 1\]"):
+        pipe("a circle", image=input_image, strength=0.0)
+    with pytest.raises(ValueError, match="strength"):
+        pipe("a circle", image=input_image, strength=1.5)
+    with pytest.warns(UserWarning, match="using 4 steps"):
+        out = pipe("a circle", image=input_image, strength=0.25, num_inference_steps=1, seed=0)
+    assert out.parameters[0].steps == 4
+
+
+def test_non_512_size_warns(pipe):
+    with pytest.warns(UserWarning, match="differs from 64x64"):
+        pipe("a circle", height=64, width=96, seed=0, output_type="latent")
