@@ -182,6 +182,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="the real-time demo page and the HTTP API (127.0.0.1:8000 by default)")
     add_serve_arguments(serve)
     serve.set_defaults(func=run_serve)
+    train = sub.add_parser("train", help="train with Adversarial Diffusion Distillation")
+    train_sub = train.add_subparsers(dest="train_command", required=True)
+    from .train.driver import add_train_add_arguments, run_train_add
+
+    train_add = train_sub.add_parser("add", help="distill a teacher into a 1-4 step student (torchrun for many GPUs)")
+    add_train_add_arguments(train_add)
+    train_add.set_defaults(func=run_train_add)
     bench = sub.add_parser("bench", help="time sdturbo against diffusers on the same random weights")
     add_bench_arguments(bench)
     bench.set_defaults(func=run_bench)

@@ -4,7 +4,8 @@ train_step = student forward -> d_step (discriminator update) -> g_step (student
 
 Every random draw of step k on rank r comes from a generator seeded by (seed, k, r), so a run resumed from a
 checkpoint replays exactly the steps it would have taken. Data parallelism is one call per update
-(parallel.average_gradients), a no-op in a single process."""
+(parallel.average_gradients), a no-op in a single process. Mixed precision is the caller's torch.autocast around
+train_step; FSDP-sharded students (parallel.apply_fsdp) are gathered into whole tensors by the checkpoints."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from ..models.configs import UNetConfig
 from ..models.unet import UNet, make_y
@@ -123,11 +125,15 @@ class ADDModels:
     ema: UNet | None  # moving average of the student, the weights to ship
 
 
-def build_models(teacher: UNet, vae: AutoencoderKL, discriminator: ProjectedDiscriminator, cfg: ADDConfig) -> ADDModels:
-    """The student starts as a copy of the teacher: random initialisation collapses (spec-add §9, Table 1c)."""
+def build_models(
+    teacher: UNet, vae: AutoencoderKL, discriminator: ProjectedDiscriminator, cfg: ADDConfig,
+    student: UNet | None = None,
+) -> ADDModels:
+    """The student starts as a copy of the teacher, or as the pretrained `student` given (the two may differ,
+    spec-add Table 1e): random initialisation collapses (spec-add §9, Table 1c)."""
     teacher.eval().requires_grad_(False)
     vae.eval().requires_grad_(False)
-    student = copy.deepcopy(teacher).train().requires_grad_(True)
+    student = copy.deepcopy(teacher if student is None else student).train().requires_grad_(True)
     ema = copy.deepcopy(student).eval().requires_grad_(False) if cfg.ema_decay > 0 else None
     return ADDModels(student, teacher, vae, discriminator.train(), ema)
 
@@ -164,11 +170,19 @@ def _randn_like(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 def _update(loss: torch.Tensor, params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer, grad_clip: float):
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    # Autocast is for forwards only: backward ops already run in the dtypes their forwards chose.
+    with torch.autocast(loss.device.type, enabled=False):
+        loss.backward()
     average_gradients(params)
     if grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(params, grad_clip)
     optimizer.step()
+
+
+def _fp32(logits: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Losses are reduced in fp32: under bf16 autocast the heads' logits come out in bf16, whose 8-bit mantissa
+    would round a hinge loss near 3 to steps of 1/64."""
+    return [x.float() for x in logits]
 
 
 @dataclass
@@ -207,8 +221,8 @@ def d_step(
     with torch.no_grad():
         real_features = disc.features(batch.image, generator)
     real_features = [f.requires_grad_() for f in real_features]
-    logits_real = disc.heads_logits(real_features, batch.c_text, c_img)
-    logits_fake, _ = disc(fake_image.detach(), batch.c_text, c_img, generator)
+    logits_real = _fp32(disc.heads_logits(real_features, batch.c_text, c_img))
+    logits_fake = _fp32(disc(fake_image.detach(), batch.c_text, c_img, generator)[0])
     loss_real, loss_fake = hinge_d_loss_real(logits_real), hinge_d_loss_fake(logits_fake)
     r1 = r1_penalty(real_features, logits_real)
     loss = loss_real + loss_fake + cfg.r1_gamma * r1
@@ -255,13 +269,13 @@ def g_step(
     """Student update (spec-add §8 step 6): L = L_adv^G + lambda * L_distill, both on decoded pixels."""
     disc = models.discriminator
     disc.heads.requires_grad_(False)  # gradient flows through the heads to the image, not into them
-    logits_fake, _ = disc(student.image, batch.c_text, c_img, generator)
+    logits_fake = _fp32(disc(student.image, batch.c_text, c_img, generator)[0])
     disc.heads.requires_grad_(True)
     loss_adv = hinge_g_loss(logits_fake)
     target_latent, weight = teacher_latent_target(models, batch, student.latent, cfg, generator)
     with torch.no_grad():
         target_image = models.vae.decode(target_latent / models.vae.cfg.scaling_factor)
-    loss_distill = distillation_loss(student.image, target_image, weight)
+    loss_distill = distillation_loss(student.image.float(), target_image.float(), weight)
     loss = loss_adv + cfg.distill_weight * loss_distill
     _update(loss, list(models.student.parameters()), optimizer, cfg.grad_clip)
     return {"g_loss": loss.item(), "g_adv": loss_adv.item(), "g_distill": loss_distill.item()}
@@ -291,21 +305,58 @@ def train_step(
 # -- checkpoints: safetensors for tensors, JSON for the rest; no pickle ------------------------------------------
 
 
+def rank0_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Whole tensors on rank 0's CPU, nothing elsewhere. FSDP shards (DTensor) are all-gathered one at a time, a
+    collective every rank joins; only rank 0 keeps a host copy, so 8 ranks do not hold 8 copies of a big model."""
+    rank, _ = rank_and_world()
+    out = {}
+    for name, value in tensors.items():
+        if isinstance(value, DTensor):
+            value = value.full_tensor()
+        if rank == 0:
+            out[name] = value.detach().cpu().contiguous()
+    return out
+
+
+def rank0_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return rank0_tensors(module.state_dict())
+
+
+def _like(value: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
+    """A whole tensor read from a file, placed like `current`: this rank's shard of an FSDP parameter."""
+    if isinstance(current, DTensor):
+        return distribute_tensor(value.to(current.device, current.dtype), current.device_mesh, current.placements)
+    return value
+
+
+def _load_full_state_dict(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    current = module.state_dict()
+    module.load_state_dict({name: _like(value, current[name]) for name, value in state.items()})
+
+
 def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
-    """Optimizer state -> ({"<param index>.<name>": tensor}, param_groups as JSON-able dicts)."""
+    """Optimizer state -> ({"<param index>.<name>": tensor}, param_groups as JSON-able dicts); tensors as
+    rank0_tensors gives them."""
     state = optimizer.state_dict()
     tensors = {
-        f"{index}.{name}": (value if torch.is_tensor(value) else torch.tensor(value)).contiguous()
+        f"{index}.{name}": value if torch.is_tensor(value) else torch.tensor(value)
         for index, per_param in state["state"].items()
         for name, value in per_param.items()
     }
-    return tensors, state["param_groups"]
+    return rank0_tensors(tensors), state["param_groups"]
 
 
-def optimizer_state(tensors: dict[str, torch.Tensor], param_groups: list[dict]) -> dict:
+def optimizer_state(
+    tensors: dict[str, torch.Tensor], param_groups: list[dict], optimizer: torch.optim.Optimizer | None = None
+) -> dict:
+    """The inverse of optimizer_tensors; given the optimizer, moment tensors of FSDP parameters become shards."""
+    params = [p for group in optimizer.param_groups for p in group["params"]] if optimizer is not None else []
     state: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         index, name = key.split(".", 1)
+        param = params[int(index)] if params else None
+        if isinstance(param, DTensor) and value.shape == param.shape:
+            value = _like(value, param)
         state.setdefault(int(index), {})[name] = value
     return {"state": state, "param_groups": param_groups}
 
@@ -318,30 +369,40 @@ class Checkpoint:
 
 def save_checkpoint(path: str | Path, models: ADDModels, optimizers: Optimizers, cfg: ADDConfig, step: int) -> None:
     """Write the trained state after `step` steps into a folder (the frozen teacher, VAE and ViTs are inputs).
-    Ranks hold identical state, so a distributed run calls this on rank 0 only."""
+
+    Rank 0 writes. Replicated models are identical on every rank, so calling this on rank 0 alone is enough; an
+    FSDP-sharded student is gathered collectively, so then every rank must call it."""
+    is_writer = rank_and_world()[0] == 0
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    save_file(models.student.state_dict(), str(path / "student.safetensors"))
-    if models.ema is not None:
-        save_file(models.ema.state_dict(), str(path / "student_ema.safetensors"))
-    save_file(models.discriminator.heads.state_dict(), str(path / "discriminator_heads.safetensors"))
+    if is_writer:
+        path.mkdir(parents=True, exist_ok=True)
+    modules = {"student": models.student, "student_ema": models.ema, "discriminator_heads": models.discriminator.heads}
+    for name, module in modules.items():
+        if module is not None:
+            tensors = rank0_state_dict(module)
+            if is_writer:
+                save_file(tensors, str(path / f"{name}.safetensors"))
     groups = {}
     for name in ("student", "discriminator"):
         tensors, groups[name] = optimizer_tensors(getattr(optimizers, name))
-        save_file(tensors, str(path / f"optimizer_{name}.safetensors"))
-    state = {"step": step, "config": asdict(cfg), "param_groups": groups}
-    (path / "state.json").write_text(json.dumps(state, indent=2))
+        if is_writer:
+            save_file(tensors, str(path / f"optimizer_{name}.safetensors"))
+    if is_writer:
+        state = {"step": step, "config": asdict(cfg), "param_groups": groups}
+        (path / "state.json").write_text(json.dumps(state, indent=2))
 
 
 def load_checkpoint(path: str | Path, models: ADDModels, optimizers: Optimizers) -> Checkpoint:
-    """Restore what save_checkpoint wrote into already-built models and optimizers; returns the step to run next."""
+    """Restore what save_checkpoint wrote into already-built models and optimizers; returns the step to run next.
+    Every rank reads the files, then keeps its shard of FSDP-sharded tensors."""
     path = Path(path)
     state = json.loads((path / "state.json").read_text())
-    models.student.load_state_dict(load_file(str(path / "student.safetensors")))
+    _load_full_state_dict(models.student, load_file(str(path / "student.safetensors")))
     if models.ema is not None:
-        models.ema.load_state_dict(load_file(str(path / "student_ema.safetensors")))
+        _load_full_state_dict(models.ema, load_file(str(path / "student_ema.safetensors")))
     models.discriminator.heads.load_state_dict(load_file(str(path / "discriminator_heads.safetensors")))
     for name in ("student", "discriminator"):
+        optimizer = getattr(optimizers, name)
         tensors = load_file(str(path / f"optimizer_{name}.safetensors"))
-        getattr(optimizers, name).load_state_dict(optimizer_state(tensors, state["param_groups"][name]))
+        optimizer.load_state_dict(optimizer_state(tensors, state["param_groups"][name], optimizer))
     return Checkpoint(step=state["step"], config=state["config"])
