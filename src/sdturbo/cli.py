@@ -189,6 +189,16 @@ def build_parser() -> argparse.ArgumentParser:
     train_add = train_sub.add_parser("add", help="distill a teacher into a 1-4 step student (torchrun for many GPUs)")
     add_train_add_arguments(train_add)
     train_add.set_defaults(func=run_train_add)
+    from .train.mini.cli import add_train_arguments as add_train_mini_arguments, run_train as run_train_mini
+
+    train_mini = train_sub.add_parser("mini", help="train sdturbo-mini from scratch, stage by stage (resumable)")
+    add_train_mini_arguments(train_mini)
+    train_mini.set_defaults(func=run_train_mini)
+    from .eval.cli import add_eval_arguments, run_eval
+
+    evaluate = sub.add_parser("eval", help="the model card's evaluation in miniature: FID and prompt alignment")
+    add_eval_arguments(evaluate)
+    evaluate.set_defaults(func=run_eval)
     bench = sub.add_parser("bench", help="time sdturbo against diffusers on the same random weights")
     add_bench_arguments(bench)
     bench.set_defaults(func=run_bench)
@@ -205,14 +215,14 @@ def main(argv: list[str] | None = None) -> int:
     from .loading import LoadError
 
     try:
-        args.func(args)
+        code = args.func(args)
     except (UserError, ValueError, LoadError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":
