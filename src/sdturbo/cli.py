@@ -53,7 +53,7 @@ def add_speed_arguments(p: argparse.ArgumentParser) -> None:
                    "size compiles for minutes unless the cache (~/.cache/sdturbo/inductor) is warm")
     p.add_argument("--compile-mode", default=None,
                    choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
-                   help="torch.compile mode; reduce-overhead adds CUDA graphs")
+                   help="torch.compile mode (default: reduce-overhead, i.e. CUDA graphs, on a GPU)")
 
 
 def output_paths(output: str, n: int) -> list[Path]:

@@ -88,9 +88,9 @@ class TurboPipeline:
             return self.prompt_cache[key]
         ids1 = self.tokenizer(prompts).to(self.device)
         ids2 = self.tokenizer_2(prompts).to(self.device)
-        h1, _ = self.text_encoder(ids1)
+        # clone: under CUDA graphs (speed.compile_models) the next network's replay may reuse an output's memory
+        h1 = self.text_encoder(ids1)[0].clone()
         h2, pooled = self.text_encoder_2(ids2)
-        # clone: under CUDA graphs a network's output buffer is overwritten by its next replay
         result = torch.cat([h1, h2], dim=-1).to(self.dtype), pooled.to(self.dtype).clone()
         if self.prompt_cache_size > 0:
             self.prompt_cache[key] = result

@@ -1,0 +1,141 @@
+"""The fast path computes the same function as the plain path: each transformation on its own, then the whole
+optimize() on a tiny pipeline (fp32, CPU). The prompt cache. Timings are never asserted here (see BENCHMARKS.md)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from sdturbo import speed
+from sdturbo.bench import write_byte_level_tokenizer
+from sdturbo.models.clip import CLIPTextModel
+from sdturbo.models.configs import TINY
+from sdturbo.models.layers import Attention, Upsample2D
+from sdturbo.models.unet import UNet
+from sdturbo.models.vae import AutoencoderKL
+from sdturbo.pipeline import TurboPipeline
+from sdturbo.tokenizer import CLIPTokenizer
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*differs from.*the size this model was trained at")
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_subpixel_upsample_matches_upsample_then_conv(channels_last):
+    torch.manual_seed(0)
+    up = Upsample2D(24).eval()
+    x = torch.randn(2, 24, 5, 7)
+    fast = speed.SubpixelUpsample2D(up)
+    if channels_last:
+        fast, x = fast.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        ref, out = up(x), fast(x)
+        assert torch.allclose(out, ref, atol=1e-5, rtol=1e-5)
+        assert torch.allclose(fast(x, (10, 14)), ref, atol=1e-5, rtol=1e-5)  # an explicit exact-x2 size
+        assert torch.allclose(fast(x, (9, 13)), up(x, (9, 13)))  # other sizes take the plain path
+    assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    assert fast.state_dict().keys() == up.state_dict().keys()
+
+
+@pytest.mark.parametrize("context_dim", [None, 48, 32])  # self-attention, cross-attention, cross with equal widths
+@pytest.mark.parametrize("qkv_bias", [False, True])
+def test_fused_attention_matches_attention(context_dim, qkv_bias):
+    torch.manual_seed(0)
+    attn = Attention(32, context_dim, heads=2, head_dim=16, qkv_bias=qkv_bias).eval()
+    ref_attn = copy.deepcopy(attn)
+    x, context = torch.randn(2, 10, 32), torch.randn(2, 7, context_dim) if context_dim else None
+    fused = speed.FusedAttention(attn)
+    with torch.no_grad():
+        assert torch.allclose(fused(x, context), ref_attn(x, context), atol=1e-5, rtol=1e-5)
+    # Same keys and values; loading new weights reaches the fused copy through the views.
+    assert {k: v.shape for k, v in fused.state_dict().items()} == {k: v.shape for k, v in ref_attn.state_dict().items()}
+    other = Attention(32, context_dim, heads=2, head_dim=16, qkv_bias=qkv_bias).eval()
+    fused.load_state_dict(other.state_dict())
+    with torch.no_grad():
+        assert torch.allclose(fused(x, context), other(x, context), atol=1e-5, rtol=1e-5)
+
+
+def tiny_pipeline(tmp_path, dtype=torch.float32) -> TurboPipeline:
+    """TINY with PyTorch's default initialisation, whose activations stay O(1) (small random weights would make
+    every difference look small)."""
+    torch.manual_seed(0)
+    spec = TINY
+    tokenizers = [CLIPTokenizer.from_folder(write_byte_level_tokenizer(tmp_path / name, pad))
+                  for name, pad in (("tokenizer", "<|endoftext|>"), ("tokenizer_2", "!"))]
+    models = [m.to(dtype).eval().requires_grad_(False) for m in (
+        UNet(spec.unet), CLIPTextModel(spec.text_encoder), CLIPTextModel(spec.text_encoder_2), AutoencoderKL(spec.vae))]
+    return TurboPipeline(*models, *tokenizers, spec, name="tiny-random")
+
+
+def test_optimize_keeps_every_state_dict(tmp_path):
+    pipe = tiny_pipeline(tmp_path)
+    models = ("unet", "vae", "text_encoder", "text_encoder_2")
+    before = {m: {k: v.clone() for k, v in getattr(pipe, m).state_dict().items()} for m in models}
+    speed.optimize(pipe, channels_last=True, fuse_qkv=True, cpu_malloc=False)
+    assert isinstance(pipe.unet.up_blocks[0].upsamplers[0], speed.SubpixelUpsample2D)
+    assert isinstance(pipe.unet.mid_block.attentions[0].transformer_blocks[0].attn1, speed.FusedAttention)
+    for m in models:
+        after = getattr(pipe, m).state_dict()
+        assert after.keys() == before[m].keys()
+        assert all(torch.equal(after[k], v) for k, v in before[m].items())
+
+
+def test_optimized_pipeline_matches_plain(tmp_path):
+    plain = tiny_pipeline(tmp_path)
+    fast = speed.optimize(tiny_pipeline(tmp_path), channels_last=True, fuse_qkv=True, cpu_malloc=False)
+    kwargs = {"prompt": "a red circle", "height": 64, "width": 64, "seed": 3, "output_type": "pt",
+              "num_inference_steps": 2}
+    assert rel_err(fast(**kwargs).images, plain(**kwargs).images) < 1e-5
+    img2img = {**kwargs, "image": torch.rand(1, 3, 64, 64), "strength": 0.5}
+    assert rel_err(fast(**img2img).images, plain(**img2img).images) < 1e-5
+
+
+def test_bf16_fast_path_is_as_close_to_fp32_as_the_plain_bf16_path(tmp_path):
+    """The fast path's bf16 rounding (summed upsample taps, NHWC kernels) adds no error beyond bf16's own."""
+    kwargs = {"prompt": "a cat", "height": 64, "width": 64, "seed": 1, "output_type": "pt"}
+    ref = tiny_pipeline(tmp_path)(**kwargs).images
+    plain = tiny_pipeline(tmp_path, torch.bfloat16)(**kwargs).images
+    out = speed.optimize(tiny_pipeline(tmp_path, torch.bfloat16), cpu_malloc=False)(**kwargs).images
+    assert rel_err(out, ref) < 2 * rel_err(plain, ref) + 1e-3
+
+
+def test_prompt_cache_skips_the_text_encoders(tmp_path):
+    pipe = tiny_pipeline(tmp_path)
+    calls = []
+    pipe.text_encoder_2.register_forward_hook(lambda *args: calls.append(1))
+    pipe.prompt_cache_size = 2
+    first = pipe.encode_prompt(["a dog"])
+    again = pipe.encode_prompt(["a dog"])
+    assert len(calls) == 1 and again[0] is first[0] and again[1] is first[1]
+    pipe.encode_prompt(["a cat"])
+    pipe.encode_prompt(["a bird"])  # evicts "a dog", the least recently used
+    assert list(pipe.prompt_cache) == [("a cat",), ("a bird",)]
+    recomputed = pipe.encode_prompt(["a dog"])
+    assert len(calls) == 4 and torch.equal(recomputed[0], first[0]) and torch.equal(recomputed[1], first[1])
+    pipe.prompt_cache.clear()
+    pipe.prompt_cache_size = 0
+    pipe.encode_prompt(["a dog"])
+    assert not pipe.prompt_cache
+
+
+def test_cached_prompt_gives_the_same_images(tmp_path):
+    pipe = tiny_pipeline(tmp_path)
+    kwargs = {"prompt": "a red circle", "height": 64, "width": 64, "seed": 5, "output_type": "pt"}
+    first = pipe(**kwargs).images
+    assert ("a red circle",) in pipe.prompt_cache
+    assert torch.equal(pipe(**kwargs).images, first)
+
+
+def test_keep_freed_memory_runs():
+    assert speed.keep_freed_memory() in (True, False)
+
+
+def test_compile_cache_dir_comes_from_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    assert speed.use_compile_cache() == tmp_path / "inductor"
+    assert (tmp_path / "inductor").is_dir()
