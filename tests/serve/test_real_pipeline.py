@@ -1,4 +1,5 @@
-"""End to end with the real TurboPipeline on the tiny random-weights model (tests/conftest.py: tiny_model_dir)."""
+"""End to end with the real TurboPipeline: the bundled sdturbo-mini model, and the tiny random-weights model
+(tests/conftest.py: tiny_model_dir)."""
 
 from __future__ import annotations
 
@@ -19,13 +20,14 @@ MAX_LEVEL_DIFF = 2  # batched vs alone: the same math in a different batch shape
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def tiny_pipeline(tiny_model_dir):
+@pytest.fixture(scope="module", params=["mini", "tiny"])
+def tiny_pipeline(request, tiny_model_dir):
     import torch
 
     from sdturbo.pipeline import TurboPipeline
 
-    return TurboPipeline.from_pretrained(tiny_model_dir, device="cpu", dtype=torch.float32)
+    model = "mini" if request.param == "mini" else tiny_model_dir
+    return TurboPipeline.from_pretrained(model, device="cpu", dtype=torch.float32)
 
 
 @pytest.fixture(scope="module")
