@@ -79,6 +79,21 @@ def require_done(path: Path, stage: str) -> dict:
     return state
 
 
+def resume(state: dict | None, modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer) -> int:
+    """Load a stage's modules (by their key in the checkpoint) and optimizer; returns the step to continue from."""
+    if state is None:
+        return 0
+    for key, module in modules.items():
+        module.load_state_dict(state[key])
+    optimizer.load_state_dict(state["optimizer"])
+    return state["step"]
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, base_lr: float, step: int, total: int, warmup: int) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = base_lr * warmup_cosine(step, total, warmup)
+
+
 def warmup_cosine(step: int, total: int, warmup: int, floor: float = 0.1) -> float:
     """Learning-rate multiplier: linear warm-up, then cosine decay to `floor`."""
     if step < warmup:

@@ -17,7 +17,7 @@ from torch import nn
 from ...models.clip import CLIPTextModel
 from ...tokenizer import CLIPTokenizer
 from .cache import ShapesCache
-from .checkpoint import load_checkpoint, save_checkpoint, warmup_cosine
+from .checkpoint import load_checkpoint, resume, save_checkpoint, set_learning_rate
 from .config import MINI, ClipStage
 
 TRAIN_TOKENS = 32  # captions are < 30 tokens and attention is causal, so the first 32 positions are exact
@@ -81,16 +81,11 @@ def train_clip(path: Path, tokenizer_dir: Path, stage: ClipStage, cache: ShapesC
     torch.manual_seed(stage.seed)
     models = ClipModels(tokenizer.eos_token_id, stage.embed_dim)
     opt = torch.optim.AdamW(models.parameters(), lr=stage.lr, weight_decay=0.1)
-    step = 0
-    if state is not None:
-        models.load_state_dict(state["models"])
-        opt.load_state_dict(state["optimizer"])
-        step = state["step"]
+    step = resume(state, {"models": models}, opt)
     generator = torch.Generator().manual_seed(stage.seed + step)
     start = time.time()
     while step < stage.steps:
-        for group in opt.param_groups:
-            group["lr"] = stage.lr * warmup_cosine(step, stage.steps, stage.warmup_steps)
+        set_learning_rate(opt, stage.lr, step, stage.steps, stage.warmup_steps)
         image, captions, _ = cache.batch(stage.batch_size, generator)
         ids = tokenizer(captions)[:, :TRAIN_TOKENS]
         with torch.autocast("cpu", torch.bfloat16):

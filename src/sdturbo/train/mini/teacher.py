@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from ...models.unet import UNet
 from ..schedule import standard_schedule
 from .cache import ShapesCache
-from .checkpoint import EMA, load_checkpoint, save_checkpoint, warmup_cosine
+from .checkpoint import EMA, load_checkpoint, resume, save_checkpoint, set_learning_rate
 from .conditioning import load_frozen_parts, unet_condition
 from .config import IMAGE_SIZE_PX, MINI, TeacherStage
 
@@ -35,19 +35,13 @@ def train_teacher(workdir: Path, stage: TeacherStage, cache: ShapesCache, log) -
     unet = UNet(MINI.unet)
     ema = EMA(unet, stage.ema_decay)
     opt = torch.optim.AdamW(unet.parameters(), lr=stage.lr, weight_decay=0.01)
-    step = 0
-    if state is not None:
-        unet.load_state_dict(state["unet"])
-        ema.model.load_state_dict(state["ema"])
-        opt.load_state_dict(state["optimizer"])
-        step = state["step"]
+    step = resume(state, {"unet": unet, "ema": ema.model}, opt)
     schedule = standard_schedule()
     generator = torch.Generator().manual_seed(stage.seed + step)
     unet.train()
     start, loss_sum = time.time(), 0.0
     while step < stage.steps:
-        for group in opt.param_groups:
-            group["lr"] = stage.lr * warmup_cosine(step, stage.steps, stage.warmup_steps)
+        set_learning_rate(opt, stage.lr, step, stage.steps, stage.warmup_steps)
         image, captions, _ = cache.batch(stage.batch_size, generator)
         z0 = parts.encode_images(image, generator)
         context, pooled = parts.encode_captions(captions)

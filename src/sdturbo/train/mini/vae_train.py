@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from ...models.configs import VAEConfig
 from ...models.vae import AutoencoderKL, sample_latent
 from .cache import ShapesCache
-from .checkpoint import load_checkpoint, save_checkpoint, warmup_cosine
+from .checkpoint import load_checkpoint, resume, save_checkpoint, set_learning_rate
 from .config import VAEDecoderStage, VAEStage
 
 
@@ -57,17 +57,12 @@ def train_vae(path: Path, cfg: VAEConfig, stage: VAEStage, cache: ShapesCache, l
     state = load_checkpoint(path)
     if state is not None and state.get("done"):
         return state
-    step = 0
-    if state is not None:
-        vae.load_state_dict(state["vae"])
-        opt.load_state_dict(state["optimizer"])
-        step = state["step"]
+    step = resume(state, {"vae": vae}, opt)
     generator = torch.Generator().manual_seed(stage.seed + step)
     vae.train()
     start = time.time()
     while step < stage.steps:
-        for group in opt.param_groups:
-            group["lr"] = stage.lr * warmup_cosine(step, stage.steps, stage.warmup_steps)
+        set_learning_rate(opt, stage.lr, step, stage.steps, stage.warmup_steps)
         image, _, _ = cache.batch(stage.batch_size, generator)
         image = random_crop(image, stage.crop_px, generator)
         with torch.autocast("cpu", torch.bfloat16):
@@ -102,16 +97,11 @@ def train_vae_decoder(path: Path, vae_state: dict, stage: VAEDecoderStage, cache
     state = load_checkpoint(path)
     if state is not None and state.get("done"):
         return state
-    step = 0
-    if state is not None:
-        vae.load_state_dict(state["vae"])
-        opt.load_state_dict(state["optimizer"])
-        step = state["step"]
+    step = resume(state, {"vae": vae}, opt)
     generator = torch.Generator().manual_seed(stage.seed + step)
     start = time.time()
     while step < stage.steps:
-        for group in opt.param_groups:
-            group["lr"] = stage.lr * warmup_cosine(step, stage.steps, stage.warmup_steps)
+        set_learning_rate(opt, stage.lr, step, stage.steps, stage.warmup_steps)
         image, _, _ = cache.batch(stage.batch_size, generator)
         with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
             mean, logvar = vae.encode(image)

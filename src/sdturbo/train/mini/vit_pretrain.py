@@ -15,7 +15,7 @@ from torch import nn
 from ...models.vit import ViT, imagenet_normalize
 from ..data import COLORS, RELATIONS, SHAPES, parse_caption
 from .cache import ShapesCache
-from .checkpoint import load_checkpoint, save_checkpoint, warmup_cosine
+from .checkpoint import load_checkpoint, resume, save_checkpoint, set_learning_rate
 from .config import MINI_VIT, VitStage
 
 PAIRS = [(shape, color) for shape in SHAPES for color in COLORS]
@@ -72,17 +72,11 @@ def train_vit(path: Path, stage: VitStage, cache: ShapesCache, log) -> dict:
     nn.init.normal_(vit.embeddings.cls_token, std=0.02)
     params = [*vit.parameters(), *heads.parameters()]
     opt = torch.optim.AdamW(params, lr=stage.lr, weight_decay=0.05)
-    step = 0
-    if state is not None:
-        vit.load_state_dict(state["vit"])
-        heads.load_state_dict(state["heads"])
-        opt.load_state_dict(state["optimizer"])
-        step = state["step"]
+    step = resume(state, {"vit": vit, "heads": heads}, opt)
     generator = torch.Generator().manual_seed(stage.seed + step)
     start = time.time()
     while step < stage.steps:
-        for group in opt.param_groups:
-            group["lr"] = stage.lr * warmup_cosine(step, stage.steps, stage.warmup_steps)
+        set_learning_rate(opt, stage.lr, step, stage.steps, stage.warmup_steps)
         image, captions, _ = cache.batch(stage.batch_size, generator)
         with torch.autocast("cpu", torch.bfloat16):
             loss = attribute_loss(vit, heads, image, captions)
