@@ -127,6 +127,44 @@ def test_config_checks():
         ADDConfig(student_timesteps=(0, 333, 666))
     with pytest.raises(ValueError, match="weighting"):
         ADDConfig(weighting="uniform")
+    with pytest.raises(ValueError, match="not both 0"):
+        ADDConfig(adversarial_weight=0.0, distill_weight=0.0)
+    with pytest.raises(ValueError, match="adversarial_weight"):
+        ADDConfig(adversarial_weight=-1.0)
+
+
+def _spy(module: torch.nn.Module) -> list[str]:
+    """Records the class name of every forward run by `module` or any of its submodules."""
+    calls = []
+    for sub in module.modules():
+        sub.register_forward_hook(lambda m, *_: calls.append(type(m).__name__))
+    return calls
+
+
+def test_adv_only_never_runs_the_teacher():
+    cfg = ADDConfig(lr_student=1e-4, lr_discriminator=1e-3, seed=3, distill_weight=0.0)
+    models, optimizers = build(cfg)
+    teacher_calls = _spy(models.teacher)
+    heads_before = [p.clone() for p in models.discriminator.heads.parameters()]
+    metrics = train_step(models, optimizers, stream_batch(0), cfg, 0)
+    assert teacher_calls == [] and metrics["g_distill"] == 0.0
+    assert metrics["g_loss"] == pytest.approx(metrics["g_adv"])
+    assert any(not torch.equal(a, b) for a, b in zip(heads_before, models.discriminator.heads.parameters()))
+
+
+def test_distill_only_never_runs_the_discriminator():
+    cfg = ADDConfig(lr_student=1e-4, lr_discriminator=1e-3, seed=3, adversarial_weight=0.0)
+    models, optimizers = build(cfg)
+    disc_calls = _spy(models.discriminator)
+    teacher_calls = _spy(models.teacher)
+    heads_before = [p.clone() for p in models.discriminator.heads.parameters()]
+    student_before = models.student.conv_out.weight.clone()
+    metrics = train_step(models, optimizers, stream_batch(0), cfg, 0)
+    assert disc_calls == [] and teacher_calls.count("UNet") == 1
+    assert set(metrics) == {"g_loss", "g_adv", "g_distill"} and metrics["g_adv"] == 0.0
+    assert metrics["g_loss"] == pytest.approx(2.5 * metrics["g_distill"]) and metrics["g_distill"] > 0
+    assert all(torch.equal(a, b) for a, b in zip(heads_before, models.discriminator.heads.parameters()))
+    assert not torch.equal(student_before, models.student.conv_out.weight)
 
 
 def test_unet_conditioning_shapes():

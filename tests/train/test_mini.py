@@ -15,7 +15,7 @@ from sdturbo.train.mini import checkpoint as checkpoint_module
 from sdturbo.train.mini import teacher as teacher_module
 from sdturbo.train.mini.cli import add_train_arguments
 from sdturbo.train.mini.config import MINI, MiniRecipe
-from sdturbo.train.mini.stages import STAGES, run_stage
+from sdturbo.train.mini.stages import ABLATION_STAGES, STAGES, run_stage
 
 pytestmark = pytest.mark.slow
 
@@ -95,3 +95,22 @@ def test_cli_arguments():
     args = parser.parse_args(["--stage", "vae", "--steps-scale", "0.5"])
     assert (args.stage, args.steps_scale, args.workdir) == ("vae", 0.5, Path("runs/mini"))
     assert MiniRecipe().scaled(0.5).teacher.steps == MiniRecipe().teacher.steps // 2
+
+
+def test_ablation_students_and_eval_models_dir(trained, tmp_path):
+    from sdturbo.eval.models import write_models_dir
+    from sdturbo.pipeline import TurboPipeline
+    from sdturbo.train.mini.student import load_student
+
+    workdir, recipe = trained
+    for name in ABLATION_STAGES:
+        run_stage(name, workdir, recipe)
+    add, adv_only, distill_only = (load_student(workdir, v) for v in ("add", "adv-only", "distill-only"))
+    # same warm start and batches, different objectives: three different students
+    weights = [m.conv_out.weight for m in (add, adv_only, distill_only)]
+    assert not torch.equal(weights[0], weights[1]) and not torch.equal(weights[0], weights[2])
+    assert not torch.equal(weights[1], weights[2])
+    written = write_models_dir(workdir, tmp_path / "models")
+    assert sorted(p.name for p in written) == ["add", "adv-only", "distill-only", "teacher"]
+    pipe = TurboPipeline.from_pretrained(tmp_path / "models" / "distill-only", device="cpu", dtype=torch.float32)
+    assert pipe("a red circle", num_inference_steps=1, seed=0, output_type="pt").images.shape == (1, 3, 64, 64)

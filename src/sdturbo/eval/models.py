@@ -2,9 +2,9 @@
 `python -m sdturbo.eval.models [--workdir runs/mini] [--out runs/mini/models]`.
 
 The mini recipe exports one model (the student) to the package; the evaluation also needs the teacher, with the
-same text towers, VAE and tokenizers. Each finished UNet becomes a diffusers folder: teacher/ from teacher.pt,
-add/ from student.pt. adv-only/ and distill-only/ are written by whoever trains those ablation students; the
-evaluation reports their rows as missing until they are there."""
+same text towers, VAE and tokenizers. Each finished UNet becomes a diffusers folder: teacher/ from the "teacher"
+stage, add/ from "student", adv-only/ and distill-only/ from the ablation stages (`sdturbo train mini --stage
+adv_only`, `--stage distill_only`). The evaluation reports the rows of absent folders as missing."""
 
 from __future__ import annotations
 
@@ -25,21 +25,22 @@ from .cli import DEFAULT_MODELS_DIR
 
 
 def _unets(workdir: Path) -> dict[str, torch.nn.Module]:
-    from ..train.mini.student import load_student
+    from ..train.mini.student import VARIANTS, load_student, student_name
     from ..train.mini.teacher import load_teacher
 
     unets = {}
-    teacher = load_checkpoint(workdir / "teacher.pt")  # saved as it trains; only a finished one counts
+    teacher = load_checkpoint(workdir / "teacher.safetensors")  # saved as it trains; only a finished one counts
     if teacher is not None and teacher.get("done"):
         unets["teacher"] = load_teacher(workdir)
-    if (workdir / "student.pt").exists():
-        unets["add"] = load_student(workdir)
+    for variant in VARIANTS:
+        if (workdir / f"{student_name(variant)}.safetensors").exists():  # written once, when a student finishes
+            unets[variant] = load_student(workdir, variant)
     return unets
 
 
 def write_models_dir(workdir: Path, models_dir: Path) -> list[Path]:
     """One fp16 diffusers folder per finished UNet in workdir; -> the folders written."""
-    text_encoder, text_encoder_2 = load_text_encoders(require_done(workdir / "clip.pt", "clip"))
+    text_encoder, text_encoder_2 = load_text_encoders(require_done(workdir / "clip.safetensors", "clip"))
     vae_state = final_vae_state(workdir)  # the VAE the export ships, so all folders decode alike
     vae = AutoencoderKL(vae_state["config"])
     vae.load_state_dict(vae_state["vae"])

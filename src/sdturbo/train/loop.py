@@ -59,7 +59,11 @@ class ADDConfig:
     weighting: str = "exponential"
     """Distillation weighting c(t): "exponential" (alpha_t, the ablation default), "sds" or "nfsd" (final model)."""
     distill_weight: float = 2.5
-    """lambda, the weight of the distillation loss against the adversarial loss (paper: 2.5)."""
+    """lambda, the weight of the distillation loss against the adversarial loss (paper: 2.5). 0 trains with the
+    adversarial loss alone (the paper's "adv. only" ablation) and skips the teacher."""
+    adversarial_weight: float = 1.0
+    """Weight of the student's adversarial loss (paper: 1). 0 trains with the distillation loss alone (the paper's
+    "distill. only" ablation) and skips the discriminator and its update."""
     r1_gamma: float = 1e-5
     """gamma, the weight of the R1 penalty on the discriminator heads' real inputs (paper: 1e-5)."""
     teacher_guidance_scale: float = 1.0
@@ -89,6 +93,11 @@ class ADDConfig:
                 f"need 1 <= teacher_t_min {self.teacher_t_min} <= teacher_t_max {self.teacher_t_max} <= 999"
             )
         distillation_weight(self.weighting, torch.ones(()), torch.ones(()))  # rejects unknown names
+        if self.distill_weight < 0 or self.adversarial_weight < 0 or self.distill_weight + self.adversarial_weight == 0:
+            raise ValueError(
+                f"distill_weight {self.distill_weight} and adversarial_weight {self.adversarial_weight} must be >= 0"
+                " and not both 0"
+            )
 
 
 @dataclass
@@ -264,19 +273,23 @@ def teacher_latent_target(
 
 def g_step(
     models: ADDModels, optimizer: torch.optim.Optimizer, batch: ADDBatch, student: StudentOutput,
-    c_img: torch.Tensor, cfg: ADDConfig, generator: torch.Generator,
+    c_img: torch.Tensor | None, cfg: ADDConfig, generator: torch.Generator,
 ) -> dict[str, float]:
-    """Student update (spec-add §8 step 6): L = L_adv^G + lambda * L_distill, both on decoded pixels."""
-    disc = models.discriminator
-    disc.heads.requires_grad_(False)  # gradient flows through the heads to the image, not into them
-    logits_fake = _fp32(disc(student.image, batch.c_text, c_img, generator)[0])
-    disc.heads.requires_grad_(True)
-    loss_adv = hinge_g_loss(logits_fake)
-    target_latent, weight = teacher_latent_target(models, batch, student.latent, cfg, generator)
-    with torch.no_grad():
-        target_image = models.vae.decode(target_latent / models.vae.cfg.scaling_factor)
-    loss_distill = distillation_loss(student.image.float(), target_image.float(), weight)
-    loss = loss_adv + cfg.distill_weight * loss_distill
+    """Student update (spec-add §8 step 6): L = w_adv * L_adv^G + lambda * L_distill, both on decoded pixels. A term
+    whose weight is 0 is not computed (the ablations), so it costs nothing and is logged as 0."""
+    loss_adv = loss_distill = torch.zeros((), device=student.image.device)
+    if cfg.adversarial_weight > 0:
+        disc = models.discriminator
+        disc.heads.requires_grad_(False)  # gradient flows through the heads to the image, not into them
+        logits_fake = _fp32(disc(student.image, batch.c_text, c_img, generator)[0])
+        disc.heads.requires_grad_(True)
+        loss_adv = hinge_g_loss(logits_fake)
+    if cfg.distill_weight > 0:
+        target_latent, weight = teacher_latent_target(models, batch, student.latent, cfg, generator)
+        with torch.no_grad():
+            target_image = models.vae.decode(target_latent / models.vae.cfg.scaling_factor)
+        loss_distill = distillation_loss(student.image.float(), target_image.float(), weight)
+    loss = cfg.adversarial_weight * loss_adv + cfg.distill_weight * loss_distill
     _update(loss, list(models.student.parameters()), optimizer, cfg.grad_clip)
     return {"g_loss": loss.item(), "g_adv": loss_adv.item(), "g_distill": loss_distill.item()}
 
@@ -294,8 +307,10 @@ def train_step(
     rank, _ = rank_and_world()
     generator = step_generator(cfg.seed, step, rank)
     student = student_forward(models, batch, cfg, generator)
-    c_img = models.discriminator.image_condition(batch.image)
-    metrics = d_step(models, optimizers.discriminator, batch, student.image, c_img, cfg, generator)
+    metrics, c_img = {}, None
+    if cfg.adversarial_weight > 0:
+        c_img = models.discriminator.image_condition(batch.image)
+        metrics = d_step(models, optimizers.discriminator, batch, student.image, c_img, cfg, generator)
     metrics |= g_step(models, optimizers.student, batch, student, c_img, cfg, generator)
     if models.ema is not None:
         ema_update(models.ema, models.student, cfg.ema_decay)

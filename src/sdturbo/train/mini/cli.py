@@ -7,11 +7,16 @@ import argparse
 from dataclasses import replace
 from pathlib import Path
 
-from .stages import DEFAULT_WORKDIR, STAGES
+from .stages import ABLATION_STAGES, DEFAULT_WORKDIR, STAGES
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--stage", default="all", choices=["all", *STAGES], help="one stage, or all in order")
+    parser.add_argument(
+        "--stage",
+        default="all",
+        choices=["all", *STAGES, *ABLATION_STAGES],
+        help="one stage, or all in order; adv_only / distill_only train the ablation students for `sdturbo eval`",
+    )
     parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR, help="checkpoints and logs (resumable)")
     parser.add_argument("--steps-scale", type=float, default=1.0, help="multiply every stage's step count")
     parser.add_argument("--export-dir", type=Path, default=None, help="where 'export' writes (default: the bundled mini)")

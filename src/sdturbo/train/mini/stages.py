@@ -3,7 +3,9 @@ writes its own under the work dir (default runs/mini/), saves often and resumes 
 
     data -> tokenizer -> clip (both text towers) -> vae -> teacher -> vae_decoder -> vit -> student -> export
 
-The teacher needs only the VAE's encoder (its latent space), so "vae_decoder", "vit" may run beside "teacher"."""
+The teacher needs only the VAE's encoder (its latent space), so "vae_decoder", "vit" may run beside "teacher".
+Two more stages, not part of the shipped model and not run by "all", train the students of the paper's loss
+ablation for `sdturbo eval`: "adv_only" and "distill_only" (after "student", from the same warm start)."""
 
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from .config import MINI, MiniRecipe
 
 DEFAULT_WORKDIR = Path("runs/mini")
 STAGES = ("data", "tokenizer", "clip", "vae", "teacher", "vae_decoder", "vit", "student", "export")
+ABLATION_STAGES = ("adv_only", "distill_only")
 
 
 @dataclass
@@ -87,6 +90,15 @@ def _student(ctx: Context) -> None:
     train_student(ctx.workdir, ctx.recipe.student, ctx.cache(), ctx.log)
 
 
+def _ablation(variant: str) -> Callable[[Context], None]:
+    def run(ctx: Context) -> None:
+        from .student import train_student
+
+        train_student(ctx.workdir, ctx.recipe.student, ctx.cache(), ctx.log, variant=variant)
+
+    return run
+
+
 def _export(ctx: Context) -> None:
     from .export import export_mini
 
@@ -103,6 +115,8 @@ RUNNERS: dict[str, Callable[[Context], None]] = {
     "vit": _vit,
     "student": _student,
     "export": _export,
+    "adv_only": _ablation("adv-only"),
+    "distill_only": _ablation("distill-only"),
 }
 
 
@@ -119,7 +133,7 @@ def _print_log(path: Path) -> Callable[[str], None]:
 def run_stage(name: str, workdir: Path = DEFAULT_WORKDIR, recipe: MiniRecipe | None = None) -> float:
     """Run (or resume) one stage; returns its wall time in seconds."""
     if name not in RUNNERS:
-        raise ValueError(f"unknown stage {name!r}; choose from {', '.join(STAGES)}")
+        raise ValueError(f"unknown stage {name!r}; choose from {', '.join(STAGES + ABLATION_STAGES)}")
     workdir.mkdir(parents=True, exist_ok=True)
     ctx = Context(workdir, recipe or MiniRecipe(), _print_log(workdir / "train.log"))
     if ctx.recipe.threads:

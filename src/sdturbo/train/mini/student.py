@@ -113,12 +113,26 @@ def warm_start(workdir: Path, teacher: UNet, parts: FrozenParts, stage: StudentS
     return student.eval()
 
 
-def train_student(workdir: Path, stage: StudentStage, cache: ShapesCache, log) -> dict:
-    done_path = workdir / "student.safetensors"
+# The students of the paper's loss ablation (Table 1d): name -> (adversarial weight, distillation weight). All
+# start from the same warm start and see the same batches; only the objective differs.
+VARIANTS = {"add": (1.0, 2.5), "adv-only": (1.0, 0.0), "distill-only": (0.0, 2.5)}
+
+
+def student_name(variant: str) -> str:
+    """Checkpoint stem of a variant: student, student_adv_only, student_distill_only."""
+    return "student" if variant == "add" else "student_" + variant.replace("-", "_")
+
+
+def train_student(workdir: Path, stage: StudentStage, cache: ShapesCache, log, variant: str = "add") -> dict:
+    name = student_name(variant)
+    done_path = workdir / f"{name}.safetensors"
     if done_path.exists():
         return load_ckpt(done_path)
     parts = load_frozen_parts(workdir, final_decoder=True)
+    adversarial_weight, distill_weight = VARIANTS[variant]
     cfg = ADDConfig(
+        adversarial_weight=adversarial_weight,
+        distill_weight=distill_weight,
         teacher_guidance_scale=stage.teacher_guidance_scale,
         lr_student=stage.lr_student,
         lr_discriminator=stage.lr_discriminator,
@@ -129,7 +143,7 @@ def train_student(workdir: Path, stage: StudentStage, cache: ShapesCache, log) -
     teacher = load_teacher(workdir)
     models = build_models(teacher, parts.vae, disc, cfg, student=warm_start(workdir, teacher, parts, stage, cache, log))
     optimizers = build_optimizers(models, cfg)
-    ckpt_dir = workdir / "student"
+    ckpt_dir = workdir / name
     step = load_checkpoint(ckpt_dir, models, optimizers).step if (ckpt_dir / "state.json").exists() else 0
     generator = torch.Generator().manual_seed(stage.seed + step)
     start = time.time()
@@ -140,7 +154,7 @@ def train_student(workdir: Path, stage: StudentStage, cache: ShapesCache, log) -
         step += 1
         if step % stage.log_every == 0:
             summary = " ".join(f"{k} {v:.3f}" for k, v in metrics.items())
-            log(f"student step {step}/{stage.steps} {summary} ({time.time() - start:.0f}s)")
+            log(f"{name} step {step}/{stage.steps} {summary} ({time.time() - start:.0f}s)")
         if step % stage.save_every == 0 or step == stage.steps:
             save_checkpoint(ckpt_dir, models, optimizers, cfg, step)
     shipped = models.ema if models.ema is not None else models.student
@@ -149,8 +163,9 @@ def train_student(workdir: Path, stage: StudentStage, cache: ShapesCache, log) -
     return state
 
 
-def load_student(workdir: Path) -> UNet:
-    state = require_done(workdir / "student.safetensors", "student")
+def load_student(workdir: Path, variant: str = "add") -> UNet:
+    name = student_name(variant)
+    state = require_done(workdir / f"{name}.safetensors", name)
     unet = UNet(MINI.unet)
     unet.load_state_dict(state["unet"])
     return unet.eval()

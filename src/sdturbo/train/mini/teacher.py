@@ -80,7 +80,7 @@ def load_teacher(workdir: Path, partial: bool = False) -> UNet:
     """The teacher's EMA UNet, frozen. partial=True also accepts an unfinished run's latest save."""
     state = load_checkpoint(workdir / "teacher.safetensors")
     if state is None or not (state.get("done") or partial):
-        raise RuntimeError(f"stage 'teacher' has not finished (see {workdir / 'teacher.pt'}); run it first")
+        raise RuntimeError(f"stage 'teacher' has not finished (see {workdir / 'teacher.safetensors'}); run it first")
     unet = UNet(MINI.unet)
     unet.load_state_dict(state["ema"])
     return unet.eval().requires_grad_(False)
