@@ -90,13 +90,13 @@ class VAEStage:
 
 @dataclass(frozen=True)
 class VAEDecoderStage:
-    steps: int = 300
+    steps: int = 1000  # the VAE stage's 2,000 steps end with blotchy objects; the decoder alone is cheaper to train
     batch_size: int = 16
-    lr: float = 2e-4
+    lr: float = 5e-4
     warmup_steps: int = 20
     seed: int = 11
     log_every: int = 25
-    save_every: int = 50
+    save_every: int = 100
 
 
 @dataclass(frozen=True)
