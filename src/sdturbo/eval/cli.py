@@ -43,7 +43,7 @@ def format_table(result: dict) -> str:
 def run_eval(args: argparse.Namespace) -> int:
     import torch
 
-    from ..devices import resolve_device
+    from ..devices import resolve_device, resolve_dtype
     from ..pipeline import MINI_MODEL_DIR
     from .networks import WEIGHTS_PATH, load_eval_net
     from .run import evaluate, folder_loader
@@ -57,6 +57,7 @@ def run_eval(args: argparse.Namespace) -> int:
     start = time.time()
     result = evaluate(rows, args.num_images, load, net, batch_size=args.batch_size)
     result["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    result["dtype"] = str(resolve_dtype(args.dtype, device)).removeprefix("torch.")
     result["wall_seconds"] = round(time.time() - start, 1)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
