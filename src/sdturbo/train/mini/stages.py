@@ -84,13 +84,9 @@ def _vit(ctx: Context) -> None:
     train_vit(ctx.path("vit.safetensors"), ctx.recipe.vit, ctx.cache(), ctx.log)
 
 
-def _student(ctx: Context) -> None:
-    from .student import train_student
+def _student(variant: str) -> Callable[[Context], None]:
+    """The stage of one student: "add" (shipped) or a loss-ablation variant (student.VARIANTS)."""
 
-    train_student(ctx.workdir, ctx.recipe.student, ctx.cache(), ctx.log)
-
-
-def _ablation(variant: str) -> Callable[[Context], None]:
     def run(ctx: Context) -> None:
         from .student import train_student
 
@@ -113,10 +109,10 @@ RUNNERS: dict[str, Callable[[Context], None]] = {
     "teacher": _teacher,
     "vae_decoder": _vae_decoder,
     "vit": _vit,
-    "student": _student,
+    "student": _student("add"),
     "export": _export,
-    "adv_only": _ablation("adv-only"),
-    "distill_only": _ablation("distill-only"),
+    "adv_only": _student("adv-only"),
+    "distill_only": _student("distill-only"),
 }
 
 
