@@ -94,6 +94,14 @@ def set_learning_rate(optimizer: torch.optim.Optimizer, base_lr: float, step: in
         group["lr"] = base_lr * warmup_cosine(step, total, warmup)
 
 
+def clipped_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, params, max_norm: float = 1.0) -> None:
+    """One optimizer update of every mini stage: backward, clip the gradient norm of `params`, step."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, max_norm)
+    optimizer.step()
+
+
 def warmup_cosine(step: int, total: int, warmup: int, floor: float = 0.1) -> float:
     """Learning-rate multiplier: linear warm-up, then cosine decay to `floor`."""
     if step < warmup:

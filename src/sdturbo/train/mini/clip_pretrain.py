@@ -17,7 +17,7 @@ from torch import nn
 from ...models.clip import CLIPTextModel
 from ...tokenizer import CLIPTokenizer
 from .cache import ShapesCache
-from .checkpoint import load_checkpoint, resume, save_checkpoint, set_learning_rate
+from .checkpoint import clipped_step, load_checkpoint, resume, save_checkpoint, set_learning_rate
 from .config import MINI, ClipStage
 
 TRAIN_TOKENS = 32  # captions are < 30 tokens and attention is causal, so the first 32 positions are exact
@@ -93,10 +93,7 @@ def train_clip(path: Path, tokenizer_dir: Path, stage: ClipStage, cache: ShapesC
             image_emb = models.image_tower(image)
         loss1 = info_nce(text1.float(), image_emb.float(), models.logit_scale, captions)
         loss2 = info_nce(text2.float(), image_emb.float(), models.logit_scale, captions)
-        opt.zero_grad(set_to_none=True)
-        (loss1 + loss2).backward()
-        torch.nn.utils.clip_grad_norm_(models.parameters(), 1.0)
-        opt.step()
+        clipped_step(opt, loss1 + loss2, models.parameters())
         step += 1
         if step % stage.log_every == 0:
             log(f"clip step {step}/{stage.steps} nce te1 {loss1.item():.3f} te2 {loss2.item():.3f} ({time.time() - start:.0f}s)")

@@ -31,6 +31,7 @@ from ..schedule import (
     zero_terminal_snr_schedule,
 )
 from .cache import ShapesCache
+from .checkpoint import clipped_step
 from .checkpoint import load_checkpoint as load_ckpt
 from .checkpoint import require_done
 from .checkpoint import save_checkpoint as save_ckpt
@@ -101,10 +102,7 @@ def warm_start(workdir: Path, teacher: UNet, parts: FrozenParts, stage: StudentS
             eps = student(z_s, s, cond.context, cond.y)
         x0 = eps_to_x0(z_s, eps.float(), standard.alpha(s), standard.sigma(s))
         loss = F.mse_loss(x0, z0)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-        opt.step()
+        clipped_step(opt, loss, student.parameters())
         step += 1
         if step % stage.log_every == 0:
             log(f"student warm-start step {step}/{stage.warm_steps} x0 mse {loss.item():.4f} ({time.time() - start:.0f}s)")

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from ...models.unet import UNet
 from ..schedule import standard_schedule
 from .cache import ShapesCache
-from .checkpoint import EMA, load_checkpoint, resume, save_checkpoint, set_learning_rate
+from .checkpoint import EMA, clipped_step, load_checkpoint, resume, save_checkpoint, set_learning_rate
 from .conditioning import load_frozen_parts, unet_condition
 from .config import IMAGE_SIZE_PX, MINI, TeacherStage
 
@@ -54,10 +54,7 @@ def train_teacher(workdir: Path, stage: TeacherStage, cache: ShapesCache, log) -
             eps = unet(z_t, t.float(), context, y)
         per_sample = F.mse_loss(eps.float(), noise, reduction="none").flatten(1).mean(1)
         loss = (min_snr_weight(schedule.abar[t], stage.min_snr_gamma) * per_sample).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
+        clipped_step(opt, loss, unet.parameters())
         # EMA warm-up: a short run averages over its own length instead of mostly over the random initialisation.
         ema.decay = min(stage.ema_decay, (1 + step) / (10 + step))
         ema.update(unet)

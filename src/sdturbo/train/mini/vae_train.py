@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from ...models.configs import VAEConfig
 from ...models.vae import AutoencoderKL, sample_latent
 from .cache import ShapesCache
-from .checkpoint import load_checkpoint, resume, save_checkpoint, set_learning_rate
+from .checkpoint import clipped_step, load_checkpoint, resume, save_checkpoint, set_learning_rate
 from .config import VAEDecoderStage, VAEStage
 
 
@@ -67,10 +67,7 @@ def train_vae(path: Path, cfg: VAEConfig, stage: VAEStage, cache: ShapesCache, l
         image = random_crop(image, stage.crop_px, generator)
         with torch.autocast("cpu", torch.bfloat16):
             loss, rec, kl = vae_loss(vae, image, stage.kl_weight, generator)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
+        clipped_step(opt, loss, vae.parameters())
         step += 1
         if step % stage.log_every == 0:
             log(f"vae step {step}/{stage.steps} rec {rec.item():.4f} kl {kl.item():.1f} ({time.time() - start:.0f}s)")
@@ -109,10 +106,7 @@ def train_vae_decoder(path: Path, vae_state: dict, stage: VAEDecoderStage, cache
         with torch.autocast("cpu", torch.bfloat16):
             recon = vae.decode(z).float()
         loss = F.l1_loss(recon, image) + F.mse_loss(recon, image)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        clipped_step(opt, loss, params)
         step += 1
         if step % stage.log_every == 0:
             log(f"vae_decoder step {step}/{stage.steps} rec {loss.item():.4f} ({time.time() - start:.0f}s)")

@@ -15,7 +15,7 @@ from torch import nn
 from ...models.vit import ViT, imagenet_normalize
 from ..data import COLORS, RELATIONS, SHAPES, parse_caption
 from .cache import ShapesCache
-from .checkpoint import load_checkpoint, resume, save_checkpoint, set_learning_rate
+from .checkpoint import clipped_step, load_checkpoint, resume, save_checkpoint, set_learning_rate
 from .config import MINI_VIT, VitStage
 
 PAIRS = [(shape, color) for shape in SHAPES for color in COLORS]
@@ -80,10 +80,7 @@ def train_vit(path: Path, stage: VitStage, cache: ShapesCache, log) -> dict:
         image, captions, _ = cache.batch(stage.batch_size, generator)
         with torch.autocast("cpu", torch.bfloat16):
             loss = attribute_loss(vit, heads, image, captions)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        clipped_step(opt, loss, params)
         step += 1
         if step % stage.log_every == 0:
             log(f"vit step {step}/{stage.steps} loss {loss.item():.3f} ({time.time() - start:.0f}s)")
