@@ -17,7 +17,13 @@ from torch import nn
 from ...models.clip import CLIPTextModel
 from ...tokenizer import CLIPTokenizer
 from .cache import ShapesCache
-from .checkpoint import clipped_step, load_checkpoint, resume, save_checkpoint, set_learning_rate
+from .checkpoint import (
+    clipped_step,
+    load_checkpoint,
+    resume,
+    save_checkpoint,
+    set_learning_rate,
+)
 from .config import MINI, ClipStage
 
 TRAIN_TOKENS = 32  # captions are < 30 tokens and attention is causal, so the first 32 positions are exact

@@ -31,9 +31,8 @@ from ..schedule import (
     zero_terminal_snr_schedule,
 )
 from .cache import ShapesCache
-from .checkpoint import clipped_step
+from .checkpoint import clipped_step, require_done
 from .checkpoint import load_checkpoint as load_ckpt
-from .checkpoint import require_done
 from .checkpoint import save_checkpoint as save_ckpt
 from .conditioning import FrozenParts, load_frozen_parts
 from .config import IMAGE_SIZE_PX, MINI, MINI_VIT, StudentStage

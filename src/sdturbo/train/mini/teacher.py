@@ -13,7 +13,14 @@ import torch.nn.functional as F
 from ...models.unet import UNet
 from ..schedule import standard_schedule
 from .cache import ShapesCache
-from .checkpoint import EMA, clipped_step, load_checkpoint, resume, save_checkpoint, set_learning_rate
+from .checkpoint import (
+    EMA,
+    clipped_step,
+    load_checkpoint,
+    resume,
+    save_checkpoint,
+    set_learning_rate,
+)
 from .conditioning import load_frozen_parts, unet_condition
 from .config import IMAGE_SIZE_PX, MINI, TeacherStage
 

@@ -14,7 +14,13 @@ import torch.nn.functional as F
 from ...models.configs import VAEConfig
 from ...models.vae import AutoencoderKL, sample_latent
 from .cache import ShapesCache
-from .checkpoint import clipped_step, load_checkpoint, resume, save_checkpoint, set_learning_rate
+from .checkpoint import (
+    clipped_step,
+    load_checkpoint,
+    resume,
+    save_checkpoint,
+    set_learning_rate,
+)
 from .config import VAEDecoderStage, VAEStage
 
 

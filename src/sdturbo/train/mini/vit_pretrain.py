@@ -15,7 +15,13 @@ from torch import nn
 from ...models.vit import ViT, imagenet_normalize
 from ..data import COLORS, RELATIONS, SHAPES, parse_caption
 from .cache import ShapesCache
-from .checkpoint import clipped_step, load_checkpoint, resume, save_checkpoint, set_learning_rate
+from .checkpoint import (
+    clipped_step,
+    load_checkpoint,
+    resume,
+    save_checkpoint,
+    set_learning_rate,
+)
 from .config import MINI_VIT, VitStage
 
 PAIRS = [(shape, color) for shape in SHAPES for color in COLORS]
