@@ -160,3 +160,11 @@ def test_module_entry_point_prints_one_line_not_a_traceback(tmp_path):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("error: ")
+
+
+def test_generate_with_an_fp32_vae(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "img.png"
+    assert main(["generate", "a red circle", "--model", str(tiny_model_dir), "--device", "cpu", "--dtype", "bf16",
+                 "--vae-dtype", "fp32", "-o", str(out), "--seed", "1"]) == 0
+    assert Image.open(out).size == (64, 64)
+    assert "(cpu, bfloat16, VAE float32)" in capsys.readouterr().err

@@ -58,7 +58,8 @@ def _materialize(module: torch.nn.Module, device, dtype, seed: int) -> torch.nn.
     return module.eval().requires_grad_(False)
 
 
-def build_pair(spec: ModelSpec, device: torch.device, dtype: torch.dtype, workdir: Path):
+def build_pair(spec: ModelSpec, device: torch.device, dtype: torch.dtype, workdir: Path,
+               vae_dtype: torch.dtype | None = None):
     """-> (our TurboPipeline, diffusers StableDiffusionXLPipeline) sharing the same random weights."""
     try:
         import diffusers
@@ -79,7 +80,7 @@ def build_pair(spec: ModelSpec, device: torch.device, dtype: torch.dtype, workdi
             transformers.CLIPTextConfig(**text_config_to_transformers(spec.text_encoder, False)))
         ref_te2 = transformers.CLIPTextModelWithProjection(
             transformers.CLIPTextConfig(**text_config_to_transformers(spec.text_encoder_2, True)))
-    vae_dtype = vae_compute_dtype(dtype, device, spec.vae.force_upcast)
+    vae_dtype = vae_compute_dtype(dtype, device, spec.vae.force_upcast, vae_dtype)
     ref_unet = _materialize(ref_unet, device, dtype, 0)
     ref_vae = _materialize(ref_vae, device, dtype, 1)
     ref_te1 = _materialize(ref_te1, device, dtype, 2)
@@ -106,7 +107,8 @@ def build_pair(spec: ModelSpec, device: torch.device, dtype: torch.dtype, workdi
     with torch.device("meta"):
         unet, vae = UNet(spec.unet), AutoencoderKL(spec.vae)
         te1, te2 = CLIPTextModel(spec.text_encoder), CLIPTextModel(spec.text_encoder_2)
-    # Our VAE gets its own copy where its compute dtype differs (fp16 -> bf16); diffusers upcasts its own to fp32.
+    # Our VAE gets its own copy where its compute dtype differs (fp16 -> bf16 by default); diffusers upcasts its own to
+    # fp32 for each decode.
     vae = share(vae, ref_vae)
     if vae_dtype != dtype:
         vae = vae.to(vae_dtype)
@@ -116,7 +118,8 @@ def build_pair(spec: ModelSpec, device: torch.device, dtype: torch.dtype, workdi
     return ours, ref
 
 
-def build_ours(spec: ModelSpec, device: torch.device, dtype: torch.dtype, workdir: Path):
+def build_ours(spec: ModelSpec, device: torch.device, dtype: torch.dtype, workdir: Path,
+               vae_dtype: torch.dtype | None = None):
     """Our TurboPipeline alone on random weights, for machines without diffusers."""
     from .models.clip import CLIPTextModel
     from .models.unet import UNet
@@ -127,7 +130,7 @@ def build_ours(spec: ModelSpec, device: torch.device, dtype: torch.dtype, workdi
     with torch.device("meta"):
         unet, vae = UNet(spec.unet), AutoencoderKL(spec.vae)
         te1, te2 = CLIPTextModel(spec.text_encoder), CLIPTextModel(spec.text_encoder_2)
-    vae_dtype = vae_compute_dtype(dtype, device, spec.vae.force_upcast)
+    vae_dtype = vae_compute_dtype(dtype, device, spec.vae.force_upcast, vae_dtype)
     tokenizers = [CLIPTokenizer.from_folder(write_byte_level_tokenizer(workdir / name, pad))
                   for name, pad in (("tokenizer", "<|endoftext|>"), ("tokenizer_2", "!"))]
     return TurboPipeline(_materialize(unet, device, dtype, 0), _materialize(te1, device, dtype, 2),
@@ -228,19 +231,21 @@ def time_parts(parts: dict, impls: list[str], device: torch.device, runs: int, w
 def run_bench(config: str = "official", device: str = "auto", dtype: str | None = None, runs: int = 3,
               warmup: int = 1, steps: tuple[int, ...] = (1, 4), batch: int = 1, size_px: int = 512,
               with_diffusers: bool = True, fast: bool = False, compile: bool = False,
-              compile_mode: str | None = None) -> dict:
-    """fast: time sdturbo after speed.optimize (compile: with torch.compile, whose first calls are the warm-up)."""
+              compile_mode: str | None = None, vae_dtype: str | None = None) -> dict:
+    """fast: time sdturbo after speed.optimize (compile: with torch.compile, whose first calls are the warm-up).
+    vae_dtype: as TurboPipeline.from_pretrained's (None/"auto": dtype, bf16 for fp16)."""
     from .devices import resolve_device, resolve_dtype
 
     device_ = resolve_device(device)
     dtype_ = resolve_dtype(dtype, device_)
+    vae_dtype_ = None if vae_dtype in (None, "auto") else resolve_dtype(vae_dtype, device_)
     spec = PRESETS["sdxl-turbo" if config == "official" else "tiny"]
     if config != "official":
         size_px = min(size_px, 64)
     with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
         t0 = time.perf_counter()
-        ours, ref = build_pair(spec, device_, dtype_, Path(tmp)) if with_diffusers else (
-            build_ours(spec, device_, dtype_, Path(tmp)), None)
+        ours, ref = build_pair(spec, device_, dtype_, Path(tmp), vae_dtype_) if with_diffusers else (
+            build_ours(spec, device_, dtype_, Path(tmp), vae_dtype_), None)
         if fast or compile:
             from .speed import optimize
 
@@ -261,7 +266,8 @@ def run_bench(config: str = "official", device: str = "auto", dtype: str | None 
             row["ratio"] = row["sdturbo_ms"] / row["diffusers_ms"]
         rows.append(row)
     return {
-        "config": config, "device": str(device_), "dtype": str(dtype_).replace("torch.", ""), "batch": batch,
+        "config": config, "device": str(device_), "dtype": str(dtype_).replace("torch.", ""),
+        "vae_dtype": str(ours.vae_dtype).replace("torch.", ""), "batch": batch,
         "size_px": size_px, "fast": fast or compile, "compile": compile, "compile_mode": compile_mode, "runs": runs,
         "warmup": warmup, "build_s": build_s, "rows": rows, "memory": peak_mb,
         "machine": {"platform": platform.platform(), "processor": platform.processor(),
@@ -284,7 +290,7 @@ def format_table(report: dict) -> str:
     path = "fast" if report["fast"] else "plain"
     if report["compile"]:
         path += f", compiled ({report['compile_mode'] or 'auto'})"
-    head = (f"sdturbo bench: {report['config']} sizes, {report['device']} {report['dtype']}, batch {report['batch']}, "
+    head = (f"sdturbo bench: {report['config']} sizes, {report['device']} {report['dtype']} (VAE {report.get('vae_dtype', report['dtype'])}), batch {report['batch']}, "
             f"{report['size_px']}x{report['size_px']}, sdturbo {path} path, median of {report['runs']} runs")
     lines = [head, f"{'part':<22}{'sdturbo ms':>12}{'diffusers ms':>14}{'ratio':>8}"]
     for r in report["rows"]:

@@ -58,8 +58,13 @@ class TurboPipeline:
         dtype: str | torch.dtype | None = None,
         tokenizer: str | Path | None = None,
         variant: str | None = "fp16",
+        vae_dtype: str | torch.dtype | None = None,
     ) -> "TurboPipeline":
-        """model: a hub id ("stabilityai/sdxl-turbo"), a diffusers folder, a single .safetensors file, or "mini"."""
+        """model: a hub id ("stabilityai/sdxl-turbo"), a diffusers folder, a single .safetensors file, or "mini".
+
+        vae_dtype: None/"auto" runs the VAE in `dtype`, except that an fp16 model gets a bf16 VAE (fp32 where bf16 is
+        not native), since the SDXL VAE overflows in fp16. "fp32" reproduces diffusers' fp16 pipeline, which upcasts
+        its VAE, at the cost of a slower decode."""
         from .loading import LoadError, load_components
 
         name = Path(model).stem if Path(model).exists() else str(model)  # a hub id as such, a path by its name
@@ -69,9 +74,12 @@ class TurboPipeline:
                 raise LoadError(f"the bundled mini model is missing from {model}; reinstall sdturbo or run: sdturbo train mini")
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
+        try:
+            requested_vae_dtype = None if vae_dtype in (None, "auto") else resolve_dtype(vae_dtype, device)
+        except ValueError as e:
+            raise ValueError(f"vae_dtype: {e}") from None
         c = load_components(model, device=device, dtype=dtype, tokenizer=tokenizer, variant=variant)
-        # The SDXL VAE overflows in fp16 (black/NaN images): run it in bf16 or fp32 instead.
-        c.vae.to(vae_compute_dtype(dtype, device, c.spec.vae.force_upcast))
+        c.vae.to(vae_compute_dtype(dtype, device, c.spec.vae.force_upcast, requested_vae_dtype))
         return cls(c.unet, c.text_encoder, c.text_encoder_2, c.vae, c.tokenizer, c.tokenizer_2, c.spec, name)
 
     # -- conditioning -------------------------------------------------------------------------------------------

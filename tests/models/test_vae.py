@@ -78,6 +78,17 @@ def test_vae_compute_dtype(model_dtype, device, force_upcast, expected):
     assert vae_compute_dtype(model_dtype, device, force_upcast) == expected
 
 
+@pytest.mark.parametrize("requested", [torch.float32, torch.bfloat16])
+def test_vae_compute_dtype_honours_a_request(requested):
+    assert vae_compute_dtype(torch.float16, "cpu", True, requested) == requested
+
+
+def test_vae_compute_dtype_refuses_fp16_for_a_vae_that_overflows():
+    with pytest.raises(ValueError, match="fp16 overflows"):
+        vae_compute_dtype(torch.float32, "cpu", True, torch.float16)
+    assert vae_compute_dtype(torch.float32, "cpu", False, torch.float16) == torch.float16
+
+
 @pytest.mark.parametrize("native_bf16, expected", [(True, torch.bfloat16), (False, torch.float32)])
 def test_vae_compute_dtype_cuda_follows_bf16_support(monkeypatch, native_bf16, expected):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: native_bf16)

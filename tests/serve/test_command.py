@@ -36,6 +36,7 @@ def test_flags_become_settings_and_safe_defaults_stay():
     assert (s.port, s.max_batch, s.request_timeout_s) == (9001, 4, 5.0)
     assert s.allow_origins == ["http://a.example", "http://b.example"]
     assert s.host == "127.0.0.1" and s.api_key is None and s.allowed_hosts == []
+    assert s.vae_dtype == "auto" and settings_from_args(parse("--vae-dtype", "fp32")).vae_dtype == "fp32"
 
 
 def test_api_key_from_the_environment(monkeypatch):
@@ -46,7 +47,12 @@ def test_api_key_from_the_environment(monkeypatch):
 
 @pytest.mark.parametrize(
     "argv, field",
-    [(["--max-batch", "0"], "max_batch"), (["--port", "70000"], "port"), (["--api-key", "short"], "api_key")],
+    [
+        (["--max-batch", "0"], "max_batch"),
+        (["--port", "70000"], "port"),
+        (["--api-key", "short"], "api_key"),
+        (["--vae-dtype", "fp16"], "vae_dtype"),
+    ],
 )
 def test_bad_flags_exit_2_before_loading_a_model(argv, field, capsys):
     assert serve_main(parse(*argv)) == 2

@@ -168,12 +168,19 @@ def sample_latent(mean: torch.Tensor, logvar: torch.Tensor, noise: torch.Tensor)
     return mean + std * noise
 
 
-def vae_compute_dtype(model_dtype: torch.dtype, device: torch.device | str, force_upcast: bool) -> torch.dtype:
-    """The dtype to run the VAE in when the rest of the model runs in model_dtype.
+def vae_compute_dtype(
+    model_dtype: torch.dtype, device: torch.device | str, force_upcast: bool, requested: torch.dtype | None = None
+) -> torch.dtype:
+    """The dtype to run the VAE in when the rest of the model runs in model_dtype, or the caller's `requested` one.
 
     The SDXL VAE overflows in fp16 (inf/NaN -> black images). With force_upcast, fp16 becomes bf16, which has fp32's
-    range, where the device runs it natively, and fp32 elsewhere. Note diffusers upcasts to fp32, so bit-level
-    parity with diffusers' fp16 pipeline needs fp32 here."""
+    range, where the device runs it natively, and fp32 elsewhere. Note diffusers upcasts to fp32, so its fp16
+    pipeline's images need requested=float32 here (bf16 rounding moves pixels by up to ~0.1 of the [-1, 1] range;
+    BENCHMARKS.md, Exactness); an fp16 request for such a VAE is refused rather than drawing black images."""
+    if requested is not None:
+        if requested == torch.float16 and force_upcast:
+            raise ValueError("vae_dtype fp16 overflows in this VAE (its config sets force_upcast): use bf16 or fp32")
+        return requested
     if model_dtype != torch.float16 or not force_upcast:
         return model_dtype
     return torch.bfloat16 if supports_bf16(torch.device(device)) else torch.float32

@@ -14,6 +14,7 @@ _FLAGS = {
     "model": "model",
     "device": "device",
     "dtype": "dtype",
+    "vae_dtype": "vae_dtype",
     "host": "host",
     "port": "port",
     "api_key": "api_key",
@@ -33,6 +34,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     )
     parser.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: auto)")
     parser.add_argument("--dtype", help="fp32, fp16 or bf16 (default: fp16 on CUDA, else fp32 or bf16)")
+    parser.add_argument(
+        "--vae-dtype", help="auto, fp32 or bf16 (default: auto, bf16 for an fp16 model; fp32 decodes as diffusers does)"
+    )
     parser.add_argument("--host", help="address to bind (default: 127.0.0.1, this machine only)")
     parser.add_argument("--port", type=int, help="TCP port (default: 8000)")
     parser.add_argument(
@@ -83,7 +87,9 @@ def serve_main(args: argparse.Namespace) -> int:
             f"warning: serving on {settings.host} without --api-key: anyone who can reach it can use it",
             file=sys.stderr,
         )
-    pipeline = TurboPipeline.from_pretrained(settings.model, device=settings.device, dtype=settings.dtype)
+    pipeline = TurboPipeline.from_pretrained(
+        settings.model, device=settings.device, dtype=settings.dtype, vae_dtype=settings.vae_dtype
+    )
     engine = Engine(pipeline, settings.max_batch, settings.max_queue, settings.request_timeout_s)
     app = create_app(settings, engine)
     host = f"[{settings.host}]" if ":" in settings.host else settings.host

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -19,6 +21,8 @@ class ServeSettings(BaseSettings):
     """auto, cpu, cuda or cuda:N; one model worker runs on it."""
     dtype: str | None = None
     """fp32, fp16 or bf16; None picks fp16 on CUDA and fp32/bf16 on CPU."""
+    vae_dtype: Literal["auto", "fp32", "bf16"] = "auto"
+    """The VAE's precision; auto follows dtype but runs bf16 for fp16; fp32 decodes as diffusers does."""
     host: str = "127.0.0.1"
     """Loopback by default: the server is reachable from this machine only unless told otherwise."""
     port: int = Field(8000, ge=0, le=65535)
