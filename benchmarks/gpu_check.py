@@ -1,8 +1,9 @@
 """One GPU session's worth of measurements for issue 3, in stages that each print a table and save JSON.
 
-Stages: plain eager (and diffusers, when importable) -> fast path eager -> fast path compiled with CUDA graphs
-(mode reduce-overhead: cold compile time, steady-state parts, exactness against the plain path) -> batch throughput
--> bf16 VAE against an fp32 VAE. A stage starts only while the deadline leaves room, so the whole run stays inside
+Stages: plain eager (and diffusers, when importable) -> fast path eager -> an fp32 VAE's decode time (--vae-dtype
+fp32) -> eager batches -> twice the side (1024x1024, eager) -> fast path compiled with CUDA graphs (mode
+reduce-overhead: cold compile time, steady-state parts, exactness against the plain path) -> compiled batches -> bf16
+VAE against an fp32 VAE. A stage starts only while the deadline leaves room, so the whole run stays inside
 its budget; `--warm-start` instead times a fresh process's first image with the compile cache the first run filled.
 Random weights: speed does not depend on their values. Installs nothing; run from the repository root:
     PYTHONPATH=src python3 benchmarks/gpu_check.py [--device cuda] [--config official] [--budget-s 330]"""
@@ -100,6 +101,16 @@ def vae_precision(spec, device, args) -> dict:
     return report
 
 
+def vae_fp32_decode(pipe, args) -> list[dict]:
+    """The decode `--vae-dtype fp32` pays for diffusers' images, beside the default bf16 one (both fast path, eager)."""
+    vae32 = copy.deepcopy(pipe.vae).float()
+    z = torch.randn(1, 4, args.size // 8, args.size // 8, device=pipe.device)
+    parts = {"vae_decode_bf16": (lambda: pipe.vae.decode(z),), "vae_decode_fp32": (lambda: vae32.decode(z),)}
+    return [{"stage": "vae_dtype", "impl": "sdturbo", "part": name, "batch": 1, "median_ms": m.median_ms,
+             "min_ms": min(m.times_ms)}
+            for (_, name), m in time_parts(parts, ["sdturbo"], pipe.device, args.runs, args.warmup).items()]
+
+
 def print_rows(rows: list[dict]) -> None:
     print(f"{'stage':<26}{'impl':<10}{'part':<34}{'batch':>6}{'median ms':>11}{'min ms':>9}{'img/s':>8}", flush=True)
     for r in rows:
@@ -187,11 +198,16 @@ def main() -> None:
             return measure("fast_eager", pipe, None, args) + measure_cached_prompt("fast_eager", pipe, args)
 
         stage("fast_eager", fast_eager)
+        if room_for(30):
+            stage("vae_dtype", lambda: vae_fp32_decode(pipe, args))
         batch_parts = {"end_to_end_1_step", "unet", "vae_decode"}
         for batch in args.batches:  # eager first: no compile per batch size
             if room_for(30):
                 stage(f"batch_fast_eager_{batch}", lambda b=batch: measure("batch_fast_eager", pipe, None, args, b,
                                                                             parts_wanted=batch_parts))
+        if room_for(40):  # before compiling: afterwards a new size would compile every network again
+            big = argparse.Namespace(**{**vars(args), "size": 2 * args.size, "runs": 3, "warmup": 1})
+            stage("size_2x", lambda: measure(f"fast_eager_{big.size}px", pipe, None, big, parts_wanted=batch_parts))
 
         def compiled():
             pipe.unet.to(memory_format=torch.channels_last)  # what optimize picks on CUDA with compile

@@ -2,7 +2,8 @@
 # Issue 3's GPU measurements in one command, < 7 minutes on an H100 with model construction; installs nothing.
 # Run from anywhere: benchmarks/gpu_check.sh [gpu_check.py options]. Prints tables; writes gpu_check.json and
 # gpu_check_warm.json to $OUT when it is set. diffusers is compared only when it is importable.
-#   1. plain eager (+ diffusers) -> fast path eager -> compiled (reduce-overhead: CUDA graphs) -> batch -> bf16 VAE
+#   1. plain eager (+ diffusers) -> fast path eager -> fp32 VAE decode -> eager batches -> 1024 px eager ->
+#      compiled (reduce-overhead: CUDA graphs) -> compiled batches -> bf16 VAE precision
 #   2. a fresh process: time to the first compiled image with the compile cache that step 1 filled
 set -u
 cd "$(dirname "$0")/.."
