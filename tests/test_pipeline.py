@@ -225,3 +225,35 @@ def test_vae_dtype_choice_and_bad_values(tiny_model_dir, input_image):
         TurboPipeline.from_pretrained(tiny_model_dir, device="cpu", vae_dtype="fp8")
     with pytest.raises(ValueError, match="vae_dtype fp16 overflows"):
         TurboPipeline.from_pretrained(tiny_model_dir, device="cpu", vae_dtype="fp16")
+
+
+def test_step_callback_sees_every_step_and_can_replace_the_latents(pipe, input_image):
+    calls = []
+
+    def record(p, step, timestep, tensors):
+        calls.append((step, int(timestep), sorted(tensors), tensors["denoised"].dtype))
+        return {}
+
+    plain = pipe("a red circle", num_inference_steps=4, seed=5, output_type="latent").images
+    watched = pipe("a red circle", num_inference_steps=4, seed=5, output_type="latent", callback_on_step_end=record,
+                   callback_on_step_end_tensor_inputs=["latents", "denoised"]).images
+    assert torch.equal(plain, watched)
+    assert [c[:2] for c in calls] == [(0, 999), (1, 749), (2, 499), (3, 249)]
+    assert calls[0][2] == ["denoised", "latents"] and calls[0][3] == torch.float32
+
+    calls.clear()
+    pipe("a red circle", image=input_image, strength=0.5, num_inference_steps=4, seed=5, callback_on_step_end=record,
+         callback_on_step_end_tensor_inputs=["denoised"])
+    assert [c[:2] for c in calls] == [(0, 499), (1, 249)]  # img2img runs the last two steps, counted from 0
+
+    zeroed = pipe("a red circle", num_inference_steps=2, seed=5, output_type="latent",
+                  callback_on_step_end=lambda p, i, t, k: {"latents": torch.zeros_like(k["latents"])}).images
+    assert not zeroed.any()
+    with pytest.raises(ValueError, match="callback_on_step_end_tensor_inputs"):
+        pipe("a red circle", callback_on_step_end=record, callback_on_step_end_tensor_inputs=["prompt_embeds"])
+
+
+def test_preview_images_are_latent_sized(pipe):
+    x = pipe("a red circle", num_inference_steps=1, seed=5, output_type="latent").images
+    previews = pipe.preview_images(x)
+    assert len(previews) == 1 and previews[0].size == (x.shape[-1], x.shape[-2]) and previews[0].mode == "RGB"

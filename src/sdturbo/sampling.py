@@ -94,16 +94,29 @@ Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  #
 NoiseSource = Callable[[int], torch.Tensor]  # step index -> unit noise shaped like x
 
 
-def euler_ancestral(denoiser: Denoiser, x: torch.Tensor, schedule: Schedule, noise: NoiseSource, start: int = 0):
+StepHook = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (i, t, x, denoised) -> x
+
+
+def euler_ancestral(
+    denoiser: Denoiser,
+    x: torch.Tensor,
+    schedule: Schedule,
+    noise: NoiseSource,
+    start: int = 0,
+    on_step: StepHook | None = None,
+):
     """Sample from step `start` of the schedule to sigma = 0. x must already be at noise level sigmas[start].
 
     The noise source is called on every step, the last one too (where sigma_up = 0), because both references
-    consume their random streams that way and later draws must line up."""
+    consume their random streams that way and later draws must line up. on_step sees each step's result and its x0
+    estimate and returns the x to go on with (previews, diffusers-style step callbacks)."""
     sigmas = schedule.sigmas.to(x.device)
     timesteps = schedule.timesteps.to(x.device)
     for i in range(start, len(timesteps)):
         denoised = denoiser(x, sigmas[i], timesteps[i])
         x = euler_ancestral_step(x, denoised, sigmas[i], sigmas[i + 1], noise(i)).to(x.dtype)
+        if on_step is not None:
+            x = on_step(i, timesteps[i], x, denoised)
     return x
 
 

@@ -10,6 +10,7 @@ import threading
 import time
 
 import numpy as np
+import torch
 from PIL import Image
 
 from sdturbo.output import GenerationParameters
@@ -37,8 +38,9 @@ def expected_image(
 class FakePipeline:
     name = "fake"
 
-    def __init__(self, delay_s: float = 0.0, per_image_s: float = 0.0):
-        self.delay_s, self.per_image_s = delay_s, per_image_s
+    def __init__(self, delay_s: float = 0.0, per_image_s: float = 0.0, after_previews_s: float = 0.0):
+        """after_previews_s: how long a call that sent step previews takes after them (a VAE decode's stand-in)."""
+        self.delay_s, self.per_image_s, self.after_previews_s = delay_s, per_image_s, after_previews_s
         self.calls: list[list[str]] = []  # the prompts of each call, in call order
         self._lock = threading.Lock()
 
@@ -57,6 +59,8 @@ class FakePipeline:
         seed=None,
         schedule="trailing",
         output_type="pil",
+        callback_on_step_end=None,
+        callback_on_step_end_tensor_inputs=("latents",),
     ) -> TurboPipelineOutput:
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         n = num_images_per_prompt
@@ -95,7 +99,20 @@ class FakePipeline:
                     strength=float(strength) if src is not None else None,
                 )
             )
+        if callback_on_step_end is not None:
+            # Row i of the fake x0 estimate holds i, so preview_images can tell which image a row previews.
+            rows = torch.arange(batch, dtype=torch.float32).view(-1, 1, 1, 1).expand(-1, 4, height // 8, width // 8)
+            self._previewed = out
+            for step in range(num_inference_steps):
+                tensors = {"latents": rows, "denoised": rows}
+                callback_on_step_end(self, step, 999 - step, {k: tensors[k] for k in callback_on_step_end_tensor_inputs})
+            time.sleep(self.after_previews_s)
         return TurboPipelineOutput(out, seeds, params)
+
+    def preview_images(self, latents) -> list[Image.Image]:
+        """The call's images at latent size, as the real previews are."""
+        h, w = latents.shape[-2:]
+        return [self._previewed[int(row[0, 0, 0])].resize((w, h), Image.NEAREST) for row in latents]
 
     @property
     def batch_sizes(self) -> list[int]:

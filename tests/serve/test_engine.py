@@ -199,3 +199,26 @@ def test_metrics_count_batches_and_images():
     text = run(go, pipe)
     assert "sdturbo_images_generated_total 3.0" in text
     assert "sdturbo_batch_images_count 1.0" in text
+
+
+def test_previews_reach_only_the_jobs_that_ask_and_never_fail_a_job():
+    pipe = FakePipeline(delay_s=0.05)
+    jobs = [job("warm-up")] + [job(p, seeds=s, steps=2) for p, s in (("quiet", (1, 2)), ("watched", (3,)), ("bad", (4,)))]
+    seen: list[tuple[int, Image.Image]] = []
+
+    def broken(image, step):
+        raise RuntimeError("a sink that fails")
+
+    async def go(engine):
+        first = asyncio.create_task(engine.generate(jobs[0]))
+        await asyncio.sleep(0.01)
+        tickets = [engine.submit(jobs[1]), engine.submit(jobs[2], lambda im, step: seen.append((step, im))),
+                   engine.submit(jobs[3], broken)]
+        return await asyncio.gather(first, *(engine.wait(t) for t in tickets))
+
+    results = run(go, pipe, max_batch=8)
+    assert pipe.batch_sizes == [1, 4]  # asking for previews does not split a batch
+    want = expected(jobs[2])[0].resize((8, 8), Image.NEAREST)
+    assert [step for step, _ in seen] == [0, 1] and all(same_pixels(im, want) for _, im in seen)
+    for j, gen in zip(jobs, results, strict=True):
+        assert all(same_pixels(a, b) for a, b in zip(gen.images, expected(j), strict=True))

@@ -148,3 +148,27 @@ def test_the_page_asks_for_the_api_key(browser):
         page.locator("#prompt").fill("with a key")
         wait_for_image_of(page, "with a key")
         context.close()
+
+
+def test_a_slow_model_shows_step_previews_before_the_image(browser):
+    with running_server(FakePipeline(delay_s=0.35, after_previews_s=1.5), default_side_px=64) as server:
+        context = browser.new_context()
+        page = context.new_page()
+        page.set_default_timeout(TIMEOUT_MS)
+        sent = []
+        page.on("websocket", lambda ws: ws.on("framesent", lambda payload: sent.append(payload)))
+        page.goto(server.url + "/")
+        page.locator("#prompt").fill("first")
+        wait_for_image_of(page, "first")  # took > 300 ms: from now on the page asks for previews
+        assert '"preview"' not in sent[-1]
+        page.locator("#prompt").fill("second")
+        result = page.locator("#result")
+        sync_api.expect(result).to_have_class(re.compile("preview"))  # the 8x8 thumbnail, shown at the image's size
+        assert page.evaluate("document.getElementById('result').naturalWidth") == 8
+        assert page.evaluate("document.getElementById('result').getBoundingClientRect().width") == 64
+        sync_api.expect(page.locator("#status")).to_contain_text("preview after step 1")
+        wait_for_image_of(page, "second")
+        sync_api.expect(result).not_to_have_class(re.compile("preview"))
+        assert page.evaluate("document.getElementById('result').naturalWidth") == 64
+        assert '"preview":true' in sent[-1]
+        context.close()

@@ -7,6 +7,7 @@ import io
 import json
 import time
 
+import numpy as np
 import pytest
 import websockets.sync.client as ws_client
 from PIL import Image
@@ -29,7 +30,7 @@ def send(ws, **message):
 def receive(ws) -> tuple[dict, bytes | None]:
     """The next message, and the binary frame that follows it for results."""
     meta = json.loads(ws.recv(timeout=20))
-    data = ws.recv(timeout=20) if meta["type"] in ("image", "download") else None
+    data = ws.recv(timeout=20) if meta["type"] in ("image", "download", "preview") else None
     return meta, data
 
 
@@ -46,6 +47,23 @@ def test_png_result_matches_the_request_and_carries_parameters(server):
     image = Image.open(io.BytesIO(data))
     assert same_pixels(image, expected_image("a boat", 9, 64, 64, steps=3))
     assert image.text["parameters"] == meta["parameters"] and "Seed: 9" in meta["parameters"]
+
+
+def test_previews_after_every_step_then_the_image(server):
+    with connect(server) as ws:
+        send(ws, **generate(id=7, seed=2, steps=3, preview=True))
+        messages = [receive(ws) for _ in range(4)]
+        send(ws, **generate(id=8, seed=2))  # without "preview": the image alone
+        assert receive(ws)[0]["type"] == "image"
+    expected = expected_image("a boat", 2, 64, 64, steps=3)
+    for step, (meta, data) in enumerate(messages[:3]):
+        assert meta == {"type": "preview", "id": 7, "step": step, "width": 8, "height": 8, "format": "jpeg",
+                        "bytes": len(data)}
+        preview = Image.open(io.BytesIO(data))
+        assert preview.size == (8, 8)
+        want = np.asarray(expected.resize((8, 8), Image.NEAREST), dtype=int)
+        assert np.abs(np.asarray(preview.convert("RGB"), dtype=int) - want).mean() < 25  # JPEG of 4x4 random tiles
+    assert messages[3][0]["type"] == "image" and messages[3][0]["id"] == 7
 
 
 def test_jpeg_by_default_and_download_gives_the_png(server):

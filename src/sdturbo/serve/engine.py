@@ -79,12 +79,16 @@ class Generation:
     batch_images: int  # images in that call, this job's included
 
 
+PreviewSink = Callable[[Image.Image, int], None]  # (preview of the job's first image, step index)
+
+
 @dataclass(eq=False)
 class Ticket:
     job: Job
     future: asyncio.Future
     submitted_at: float = field(default_factory=time.perf_counter)
     started: bool = False
+    on_preview: PreviewSink | None = None  # called on the event loop after every denoising step
 
 
 class Engine:
@@ -126,10 +130,12 @@ class Engine:
 
     # -- callers ------------------------------------------------------------------------------------------------
 
-    def submit(self, job: Job) -> Ticket:
+    def submit(self, job: Job, on_preview: PreviewSink | None = None) -> Ticket:
+        """on_preview: gets a small linear preview of the job's first image after every step (a live view shows it
+        while the VAE decodes, the slow part on a CPU); the pipeline needs a preview_images method for it."""
         if len(self._queue) >= self.max_queue:
             raise QueueFull(self.retry_after_s())
-        ticket = Ticket(job, asyncio.get_running_loop().create_future())
+        ticket = Ticket(job, asyncio.get_running_loop().create_future(), on_preview=on_preview)
         self._queue.append(ticket)
         self.metrics.queue_depth.set(len(self._queue))
         self._wakeup.set()
@@ -201,7 +207,9 @@ class Engine:
     async def _run_batch(self, batch: list[Ticket]) -> None:
         started = time.perf_counter()
         jobs = [t.job for t in batch]
-        outcomes = await asyncio.get_running_loop().run_in_executor(self._executor, self._call_jobs, jobs)
+        loop = asyncio.get_running_loop()
+        sinks = [_threadsafe(loop, t.on_preview) if t.on_preview else None for t in batch]
+        outcomes = await loop.run_in_executor(self._executor, self._call_jobs, jobs, sinks)
         inference_s = time.perf_counter() - started
         images = sum(len(j.seeds) for j in jobs)
         self._batch_s = 0.8 * self._batch_s + 0.2 * inference_s
@@ -218,23 +226,23 @@ class Engine:
 
     # -- in the model thread ------------------------------------------------------------------------------------
 
-    def _call_jobs(self, jobs: list[Job]) -> list[tuple[list, list] | Exception]:
+    def _call_jobs(self, jobs: list[Job], sinks: list[PreviewSink | None]) -> list[tuple[list, list] | Exception]:
         """Per job: (images, parameters) or the exception for it. One call for all; if that fails, each job alone,
         so a request the pipeline rejects cannot fail the requests batched with it."""
         try:
-            return self._call_pipeline(jobs)
+            return self._call_pipeline(jobs, sinks)
         except Exception as e:
             if len(jobs) == 1:
                 return [_as_job_error(e)]
         outcomes = []
-        for job in jobs:
+        for job, sink in zip(jobs, sinks, strict=True):
             try:
-                outcomes.extend(self._call_pipeline([job]))
+                outcomes.extend(self._call_pipeline([job], [sink]))
             except Exception as e:
                 outcomes.append(_as_job_error(e))
         return outcomes
 
-    def _call_pipeline(self, jobs: list[Job]) -> list[tuple[list, list]]:
+    def _call_pipeline(self, jobs: list[Job], sinks: list[PreviewSink | None]) -> list[tuple[list, list]]:
         first = jobs[0]
         kwargs: dict[str, Any] = dict(
             prompt=[j.prompt for j in jobs for _ in j.seeds],
@@ -251,6 +259,9 @@ class Engine:
         if first.image is not None:
             kwargs["image"] = [j.image for j in jobs for _ in j.seeds]
             kwargs["strength"] = first.strength
+        if any(sinks):
+            kwargs["callback_on_step_end"] = _preview_callback(jobs, sinks)
+            kwargs["callback_on_step_end_tensor_inputs"] = ["denoised"]
         out = self.pipeline(**kwargs)
         outcomes, i = [], 0
         for job in jobs:
@@ -258,6 +269,30 @@ class Engine:
             outcomes.append((list(out.images[i : i + n]), list(out.parameters[i : i + n])))
             i += n
         return outcomes
+
+
+def _threadsafe(loop: asyncio.AbstractEventLoop, sink: PreviewSink) -> PreviewSink:
+    return lambda image, step: loop.call_soon_threadsafe(sink, image, step)
+
+
+def _preview_callback(jobs: list[Job], sinks: list[PreviewSink | None]):
+    """A step callback that previews each asking job's first image from the step's x0 estimate."""
+    firsts, i = [], 0
+    for job in jobs:
+        firsts.append(i)
+        i += len(job.seeds)
+
+    def on_step_end(pipe, step: int, timestep, tensors: dict) -> dict:
+        try:  # a preview is a courtesy: it must never fail the generation
+            wanted = [(first, sink) for first, sink in zip(firsts, sinks) if sink is not None]
+            images = pipe.preview_images(tensors["denoised"][[first for first, _ in wanted]])
+            for (_, sink), image in zip(wanted, images):
+                sink(image, step)
+        except Exception:
+            log.exception("engine: preview failed")
+        return {}
+
+    return on_step_end
 
 
 def _as_job_error(e: Exception) -> Exception:

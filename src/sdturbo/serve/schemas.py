@@ -154,6 +154,7 @@ class WsGenerate(BaseModel):
     image: str | None = None
     strength: Strength = 0.5
     format: Literal["jpeg", "png"] = "jpeg"
+    preview: bool = Field(False, description="also send a JPEG preview at latent resolution after every step")
 
     @field_validator("id")
     @classmethod

@@ -2,7 +2,8 @@
 
 Client -> server, JSON text frames: {"type": "generate", ...} (schemas.WsGenerate), {"type": "download", "id"},
 {"type": "auth", "api_key"}. Server -> client: {"type": "hello"} once, then per result {"type": "image", ...}
-followed by one binary frame with the image; {"type": "dropped", "id"} for a request replaced by a newer one before
+followed by one binary frame with the image; with "preview": true, before it, {"type": "preview", "id", "step", ...}
+and a small JPEG after every step (a linear decode of the step's x0 estimate, see sdturbo.preview); {"type": "dropped", "id"} for a request replaced by a newer one before
 it ran; {"type": "error", "id", "error": {...}}.
 
 Only the newest request of a connection is generated: one that arrives while an earlier one is still queued
@@ -11,6 +12,7 @@ replaces it, so typing never builds a backlog. Closing the connection takes its 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import time
 from collections import OrderedDict
@@ -60,6 +62,7 @@ class _Session:
         self.wake = asyncio.Event()
         self.recent: OrderedDict = OrderedDict()  # id -> (image, parameters)
         self.send_lock = asyncio.Lock()  # a result's JSON and its binary frame must stay adjacent
+        self._preview_tasks: set[asyncio.Task] = set()
 
     async def run(self) -> None:
         await self.send_json({"type": "hello", "auth_required": not self.authed, "limits": self._limits()})
@@ -177,7 +180,8 @@ class _Session:
             if request is None:
                 continue
             try:
-                ticket = self.engine.submit(request.job)
+                on_preview = functools.partial(self._preview, request) if request.message.preview else None
+                ticket = self.engine.submit(request.job, on_preview)
                 self.inflight = (request, ticket)
                 generation = await self.engine.wait(ticket)
             except Dropped:
@@ -191,6 +195,25 @@ class _Session:
             finally:
                 self.inflight = None
             await self._send_result(request, generation)
+
+    def _preview(self, request: _Request, image, step: int) -> None:
+        """On the event loop, from the model thread: send while the request is still the one being generated."""
+        if self.inflight is None or self.inflight[0] is not request:
+            return
+        data = encode_image(image, "jpeg", None)  # latent-sized (64x64 for 512 px): microseconds, no thread needed
+        meta = {"type": "preview", "id": request.message.id, "step": step, "width": image.width,
+                "height": image.height, "format": "jpeg", "bytes": len(data)}
+        task = asyncio.create_task(self._send_pair(meta, data))
+        self._preview_tasks.add(task)  # keep a reference until sent (asyncio holds tasks weakly)
+        task.add_done_callback(self._preview_tasks.discard)
+
+    async def _send_pair(self, meta: dict, data: bytes) -> None:
+        try:
+            async with self.send_lock:
+                await self.ws.send_json(meta)
+                await self.ws.send_bytes(data)
+        except Exception:  # the connection closed: the read loop ends the session
+            pass
 
     async def _send_result(self, request: _Request, generation: Generation) -> None:
         message, job = request.message, request.job

@@ -7,6 +7,7 @@ const DEBOUNCE_MS = 60;
 const MAX_SEED = 4294967295;
 const SIZES = ["512x512", "768x512", "512x768", "768x768", "1024x1024", "1024x576", "576x1024", "256x256"];
 const KEY_STORAGE = "sdturbo-api-key";
+const PREVIEW_AFTER_MS = 300; // a model slower than this (a CPU) also sends a thumbnail after every step
 
 const state = {
   ws: null,
@@ -16,7 +17,10 @@ const state = {
   waiting: 0, // requests sent and not yet answered
   meta: null, // the JSON that announced the binary frame to come
   sentAt: new Map(), // id -> performance.now() when sent, for the round-trip time
+  sentWidth: new Map(), // id -> requested width: a preview is shown at the final image's size
   shown: null, // metadata of the image on screen
+  previewId: 0, // the request whose preview is on screen, if any
+  lastInferenceMs: 0,
   source: "none",
   webcam: null, // MediaStream
   timer: 0,
@@ -61,10 +65,13 @@ function onMessage(msg) {
       $("auth").hidden = true;
       return onReady();
     case "image":
+    case "preview":
     case "download":
       state.meta = msg; // the binary frame follows
       return;
     case "dropped":
+      state.sentAt.delete(msg.id);
+      state.sentWidth.delete(msg.id);
       return answered();
     case "error":
       if (msg.error.code === 401) {
@@ -93,6 +100,7 @@ function onBinary(blob) {
   state.meta = null;
   if (!meta) return;
   if (meta.type === "download") return saveBlob(blob, `sdturbo-${meta.seed}.png`);
+  if (meta.type === "preview") return showPreview(meta, blob);
   const roundTripMs = performance.now() - (state.sentAt.get(meta.id) ?? performance.now());
   state.sentAt.delete(meta.id);
   if (meta.id > state.shownId) show(meta, blob, roundTripMs);
@@ -135,6 +143,7 @@ function request() {
     guidance_scale: Number($("guidance").value) || 0,
     format: "jpeg",
   };
+  if (state.lastInferenceMs > PREVIEW_AFTER_MS) msg.preview = true;
   const negative = $("negative").value.trim();
   if (negative && msg.guidance_scale > 1) msg.negative_prompt = negative;
   if (state.source !== "none") {
@@ -143,6 +152,7 @@ function request() {
     msg.strength = Number($("strength").value);
   }
   state.sentAt.set(msg.id, performance.now());
+  state.sentWidth.set(msg.id, width);
   state.waiting += 1;
   setStatus("busy", "generating…");
   send(msg);
@@ -154,11 +164,30 @@ function randomSeed() {
 
 // -- showing results -------------------------------------------------------------------------------------------
 
-function show(meta, blob, roundTripMs) {
+function setResult(blob) {
   const img = $("result");
   const old = img.src;
   img.src = URL.createObjectURL(blob);
   if (old) URL.revokeObjectURL(old);
+  return img;
+}
+
+function showPreview(meta, blob) {
+  // Newer than the image on screen and than any preview shown; the final image replaces it.
+  if (meta.id <= state.shownId || meta.id < state.previewId) return;
+  state.previewId = meta.id;
+  const img = setResult(blob);
+  img.classList.add("preview");
+  img.style.width = `${state.sentWidth.get(meta.id) ?? meta.width * 8}px`;
+  setStatus("busy", `generating… (preview after step ${meta.step + 1})`);
+}
+
+function show(meta, blob, roundTripMs) {
+  const img = setResult(blob);
+  img.classList.remove("preview");
+  img.style.width = "";
+  state.sentWidth.delete(meta.id);
+  state.lastInferenceMs = meta.inference_ms;
   img.dataset.id = String(meta.id);
   state.shownId = meta.id;
   state.shown = meta;
