@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 
 import pytest
+import numpy as np
 import torch
 
 from sdturbo import speed
@@ -129,6 +130,27 @@ def test_cached_prompt_gives_the_same_images(tmp_path):
     first = pipe(**kwargs).images
     assert ("a red circle",) in pipe.prompt_cache
     assert torch.equal(pipe(**kwargs).images, first)
+
+
+def test_encode_cache_skips_the_vae_encoder_for_an_unchanged_image(tmp_path):
+    from PIL import Image
+
+    pipe = tiny_pipeline(tmp_path)
+    calls = []
+    pipe.vae.encoder.register_forward_hook(lambda *args: calls.append(1))
+    rng = np.random.default_rng(0)
+    image, other = (Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)) for _ in range(2))
+    kwargs = {"image": image, "strength": 0.5, "num_inference_steps": 2, "seed": 3, "output_type": "pt"}
+    first = pipe("a red circle", **kwargs).images
+    again = pipe("a blue circle", **kwargs).images  # a new prompt over the same image: no encode
+    assert len(calls) == 1 and len(pipe.encode_cache) == 1
+    assert torch.equal(pipe("a red circle", **kwargs).images, first) and not torch.equal(again, first)
+    pipe("a red circle", **{**kwargs, "image": other})
+    assert len(calls) == 2 and len(pipe.encode_cache) == 2
+    pipe.encode_cache.clear()
+    pipe.encode_cache_size = 0
+    assert torch.equal(pipe("a red circle", **kwargs).images, first)
+    assert len(calls) == 3 and not pipe.encode_cache
 
 
 def test_keep_freed_memory_runs():
