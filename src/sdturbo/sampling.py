@@ -6,7 +6,7 @@ level, `denoised` the x0 estimate, `t` the integer training timestep the UNet is
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch

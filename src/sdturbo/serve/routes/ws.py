@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import logging
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from ..schemas import WsAuth, WsDownload, WsGenerate
 from ..settings import ServeSettings
 
 router = APIRouter()
+log = logging.getLogger("sdturbo.serve")
 
 RECENT_RESULTS = 4  # results kept per connection for {"type": "download"}
 AUTH_TIMEOUT_S = 30.0
@@ -212,8 +214,8 @@ class _Session:
             async with self.send_lock:
                 await self.ws.send_json(meta)
                 await self.ws.send_bytes(data)
-        except Exception:  # the connection closed: the read loop ends the session
-            pass
+        except Exception as e:  # the connection closed mid-send: the read loop ends the session
+            log.debug("ws: preview not sent: %s", e)
 
     async def _send_result(self, request: _Request, generation: Generation) -> None:
         message, job = request.message, request.job
