@@ -5,8 +5,8 @@ level, `denoised` the x0 estimate, `t` the integer training timestep the UNet is
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
