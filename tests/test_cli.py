@@ -168,3 +168,16 @@ def test_generate_with_an_fp32_vae(tiny_model_dir, tmp_path, capsys):
                  "--vae-dtype", "fp32", "-o", str(out), "--seed", "1"]) == 0
     assert Image.open(out).size == (64, 64)
     assert "(cpu, bfloat16, VAE float32)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag, fast", [([], True), (["--no-fast"], False)])
+def test_generate_takes_the_fast_path_unless_told_not_to(tiny_model_dir, tmp_path, monkeypatch, flag, fast):
+    from sdturbo import speed
+
+    calls = []
+    real_optimize = speed.optimize
+    monkeypatch.setattr(speed, "optimize", lambda pipe, **kw: calls.append(kw) or real_optimize(pipe, **kw))
+    out = tmp_path / "img.png"
+    assert generate(tmp_path, tiny_model_dir, "-o", str(out), "--seed", "2", *flag) == 0
+    assert Image.open(out).size == (64, 64)
+    assert calls == ([{"compile": False, "compile_mode": None}] if fast else [])

@@ -53,8 +53,9 @@ def add_vae_dtype_argument(p: argparse.ArgumentParser) -> None:
 
 
 def add_speed_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--fast", action="store_true", help="the fast path (sdturbo.speed.optimize): same images within "
-                   "rounding; starts in seconds")
+    p.add_argument("--fast", action=argparse.BooleanOptionalAction, default=True,
+                   help="the fast path (sdturbo.speed.optimize; on by default): exact rewrites, same images within "
+                   "rounding, no start-up cost; --no-fast runs the plain path that the diffusers parity tests check")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                    help="also torch.compile the networks (implies --fast): faster on GPU, but the first call of each "
                    "size compiles for minutes unless the cache (~/.cache/sdturbo/inductor) is warm")

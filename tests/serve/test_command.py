@@ -37,6 +37,9 @@ def test_flags_become_settings_and_safe_defaults_stay():
     assert s.allow_origins == ["http://a.example", "http://b.example"]
     assert s.host == "127.0.0.1" and s.api_key is None and s.allowed_hosts == []
     assert s.vae_dtype == "auto" and settings_from_args(parse("--vae-dtype", "fp32")).vae_dtype == "fp32"
+    assert s.fast and not s.compile
+    plain = settings_from_args(parse("--no-fast"))
+    assert not plain.fast and settings_from_args(parse("--compile")).compile
 
 
 def test_api_key_from_the_environment(monkeypatch):

@@ -15,6 +15,8 @@ _FLAGS = {
     "device": "device",
     "dtype": "dtype",
     "vae_dtype": "vae_dtype",
+    "fast": "fast",
+    "compile": "compile",
     "host": "host",
     "port": "port",
     "api_key": "api_key",
@@ -36,6 +38,14 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--dtype", help="fp32, fp16 or bf16 (default: fp16 on CUDA, else fp32 or bf16)")
     parser.add_argument(
         "--vae-dtype", help="auto, fp32 or bf16 (default: auto, bf16 for an fp16 model; fp32 decodes as diffusers does)"
+    )
+    parser.add_argument(
+        "--fast", action=argparse.BooleanOptionalAction, default=None,
+        help="the fast path: same images within rounding, no start-up cost (default: on; --no-fast for the plain path)",
+    )
+    parser.add_argument(
+        "--compile", action=argparse.BooleanOptionalAction, default=None,
+        help="also torch.compile (GPU): each new batch size compiles for minutes first (default: off)",
     )
     parser.add_argument("--host", help="address to bind (default: 127.0.0.1, this machine only)")
     parser.add_argument("--port", type=int, help="TCP port (default: 8000)")
@@ -90,6 +100,10 @@ def serve_main(args: argparse.Namespace) -> int:
     pipeline = TurboPipeline.from_pretrained(
         settings.model, device=settings.device, dtype=settings.dtype, vae_dtype=settings.vae_dtype
     )
+    if settings.fast or settings.compile:
+        from ..speed import optimize
+
+        optimize(pipeline, compile=settings.compile)
     engine = Engine(pipeline, settings.max_batch, settings.max_queue, settings.request_timeout_s)
     app = create_app(settings, engine)
     host = f"[{settings.host}]" if ":" in settings.host else settings.host

@@ -23,6 +23,10 @@ class ServeSettings(BaseSettings):
     """fp32, fp16 or bf16; None picks fp16 on CUDA and fp32/bf16 on CPU."""
     vae_dtype: Literal["auto", "fp32", "bf16"] = "auto"
     """The VAE's precision; auto follows dtype but runs bf16 for fp16; fp32 decodes as diffusers does."""
+    fast: bool = True
+    """The fast path (sdturbo.speed.optimize): exact rewrites, same images within rounding, no start-up cost."""
+    compile: bool = False
+    """Also torch.compile the networks: fastest on a GPU, but every new batch size compiles for minutes first."""
     host: str = "127.0.0.1"
     """Loopback by default: the server is reachable from this machine only unless told otherwise."""
     port: int = Field(8000, ge=0, le=65535)
