@@ -94,3 +94,13 @@ def test_sdturbo_serve_command_serves_the_tiny_model(tiny_model_dir):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_requests_without_a_size_get_the_model_s_own_unless_the_operator_chose(monkeypatch):
+    from sdturbo.serve.command import with_model_default_size
+
+    assert with_model_default_size(settings_from_args(parse()), 64).default_side_px == 64  # sdturbo-mini
+    assert with_model_default_size(settings_from_args(parse()), 512).default_side_px == 512
+    assert with_model_default_size(settings_from_args(parse()), 2048).default_side_px == 512  # over --max-side 1024
+    monkeypatch.setenv("SDTURBO_DEFAULT_SIDE_PX", "256")
+    assert with_model_default_size(settings_from_args(parse()), 64).default_side_px == 256

@@ -165,7 +165,7 @@ def test_a_slow_model_shows_step_previews_before_the_image(browser):
         result = page.locator("#result")
         sync_api.expect(result).to_have_class(re.compile("preview"))  # the 8x8 thumbnail, shown at the image's size
         assert page.evaluate("document.getElementById('result').naturalWidth") == 8
-        assert page.evaluate("document.getElementById('result').getBoundingClientRect().width") == 64
+        assert page.evaluate("document.getElementById('result').getBoundingClientRect().width") == 256  # 64 px x 4
         sync_api.expect(page.locator("#status")).to_contain_text("preview after step 1")
         wait_for_image_of(page, "second")
         sync_api.expect(result).not_to_have_class(re.compile("preview"))

@@ -75,6 +75,14 @@ def settings_from_args(args: argparse.Namespace):
     return ServeSettings(**given)
 
 
+def with_model_default_size(settings, native_side_px: int):
+    """Requests that name no size get the model's own (64 px for sdturbo-mini, 512 for SDXL-Turbo) unless the
+    operator chose default_side_px; images at other sizes come out poor."""
+    if "default_side_px" in settings.model_fields_set or native_side_px > settings.max_side_px:
+        return settings
+    return settings.model_copy(update={"default_side_px": native_side_px})
+
+
 def serve_main(args: argparse.Namespace) -> int:
     """Load the model, then serve until interrupted. Returns the process exit code."""
     import uvicorn
@@ -104,6 +112,7 @@ def serve_main(args: argparse.Namespace) -> int:
         from ..speed import optimize
 
         optimize(pipeline, compile=settings.compile)
+    settings = with_model_default_size(settings, pipeline.spec.unet.sample_size * pipeline.spec.vae.downscale_factor)
     engine = Engine(pipeline, settings.max_batch, settings.max_queue, settings.request_timeout_s)
     app = create_app(settings, engine)
     host = f"[{settings.host}]" if ":" in settings.host else settings.host

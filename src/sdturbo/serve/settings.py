@@ -45,7 +45,8 @@ class ServeSettings(BaseSettings):
     """A request not answered by then (queue wait included) fails with 503 and leaves the queue."""
 
     default_side_px: int = Field(512, ge=64, le=2048, multiple_of=8)
-    """Width and height when a request names no size (the size SDXL-Turbo was trained at)."""
+    """Width and height when a request names no size; unless set, `sdturbo serve` uses the model's own size (512 for
+    SDXL-Turbo, 64 for sdturbo-mini)."""
     max_side_px: int = Field(1024, ge=64, le=2048, multiple_of=8)
     max_steps: int = Field(4, ge=1, le=50)
     """SDXL-Turbo is distilled for 1-4 steps; more cost time without helping."""

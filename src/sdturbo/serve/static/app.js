@@ -172,20 +172,24 @@ function setResult(blob) {
   return img;
 }
 
+function displayWidth(width) {
+  return width < 256 ? width * 4 : width; // small models' images (sdturbo-mini: 64 px) are shown enlarged
+}
+
 function showPreview(meta, blob) {
   // Newer than the image on screen and than any preview shown; the final image replaces it.
   if (meta.id <= state.shownId || meta.id < state.previewId) return;
   state.previewId = meta.id;
   const img = setResult(blob);
   img.classList.add("preview");
-  img.style.width = `${state.sentWidth.get(meta.id) ?? meta.width * 8}px`;
+  img.style.width = `${displayWidth(state.sentWidth.get(meta.id) ?? meta.width * 8)}px`;
   setStatus("busy", `generating… (preview after step ${meta.step + 1})`);
 }
 
 function show(meta, blob, roundTripMs) {
   const img = setResult(blob);
   img.classList.remove("preview");
-  img.style.width = "";
+  img.style.width = `${displayWidth(meta.width)}px`;
   state.sentWidth.delete(meta.id);
   state.lastInferenceMs = meta.inference_ms;
   img.dataset.id = String(meta.id);
