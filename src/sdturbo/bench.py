@@ -290,8 +290,10 @@ def format_table(report: dict) -> str:
     path = "fast" if report["fast"] else "plain"
     if report["compile"]:
         path += f", compiled ({report['compile_mode'] or 'auto'})"
-    head = (f"sdturbo bench: {report['config']} sizes, {report['device']} {report['dtype']} (VAE {report.get('vae_dtype', report['dtype'])}), batch {report['batch']}, "
-            f"{report['size_px']}x{report['size_px']}, sdturbo {path} path, median of {report['runs']} runs")
+    vae_dtype = report.get("vae_dtype", report["dtype"])
+    head = (f"sdturbo bench: {report['config']} sizes, {report['device']} {report['dtype']} (VAE {vae_dtype}), "
+            f"batch {report['batch']}, {report['size_px']}x{report['size_px']}, sdturbo {path} path, "
+            f"median of {report['runs']} runs")
     lines = [head, f"{'part':<22}{'sdturbo ms':>12}{'diffusers ms':>14}{'ratio':>8}"]
     for r in report["rows"]:
         d = f"{r['diffusers_ms']:>14.1f}{r['ratio']:>8.2f}" if "diffusers_ms" in r else ""

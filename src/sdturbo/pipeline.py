@@ -168,7 +168,7 @@ class TurboPipeline:
             raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
         if schedule not in sampling.SCHEDULES:
             raise ValueError(f"schedule must be one of {', '.join(sampling.SCHEDULES)}, got {schedule!r}")
-        unknown = [n for n in callback_on_step_end_tensor_inputs if n not in CALLBACK_TENSOR_INPUTS]
+        unknown = [name for name in callback_on_step_end_tensor_inputs if name not in CALLBACK_TENSOR_INPUTS]
         if unknown:
             raise ValueError(f"callback_on_step_end_tensor_inputs: {unknown} not among {list(CALLBACK_TENSOR_INPUTS)}")
 
@@ -215,7 +215,7 @@ class TurboPipeline:
             def on_step(i, t, x, denoised):
                 tensors = {"latents": x, "denoised": denoised}
                 returned = callback_on_step_end(
-                    self, i - start, t, {n: tensors[n] for n in callback_on_step_end_tensor_inputs}
+                    self, i - start, t, {name: tensors[name] for name in callback_on_step_end_tensor_inputs}
                 )
                 return returned.get("latents", x) if returned else x
 
@@ -347,7 +347,6 @@ class TurboPipeline:
         if z0.shape[0] != batch:
             z0 = z0.expand(batch, -1, -1, -1)
         return z0
-
 
     def _encode_pixels(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """vae.encode through self.encode_cache. Callers must not modify the returned tensors in place."""

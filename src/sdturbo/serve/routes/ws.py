@@ -3,8 +3,8 @@
 Client -> server, JSON text frames: {"type": "generate", ...} (schemas.WsGenerate), {"type": "download", "id"},
 {"type": "auth", "api_key"}. Server -> client: {"type": "hello"} once, then per result {"type": "image", ...}
 followed by one binary frame with the image; with "preview": true, before it, {"type": "preview", "id", "step", ...}
-and a small JPEG after every step (a linear decode of the step's x0 estimate, see sdturbo.preview); {"type": "dropped", "id"} for a request replaced by a newer one before
-it ran; {"type": "error", "id", "error": {...}}.
+and a small JPEG after every step (a linear decode of the step's x0 estimate, see sdturbo.preview);
+{"type": "dropped", "id"} for a request replaced by a newer one before it ran; {"type": "error", "id", "error": {...}}.
 
 Only the newest request of a connection is generated: one that arrives while an earlier one is still queued
 replaces it, so typing never builds a backlog. Closing the connection takes its queued work off the engine."""
@@ -205,15 +205,13 @@ class _Session:
         data = encode_image(image, "jpeg", None)  # latent-sized (64x64 for 512 px): microseconds, no thread needed
         meta = {"type": "preview", "id": request.message.id, "step": step, "width": image.width,
                 "height": image.height, "format": "jpeg", "bytes": len(data)}
-        task = asyncio.create_task(self._send_pair(meta, data))
+        task = asyncio.create_task(self._send_preview(meta, data))
         self._preview_tasks.add(task)  # keep a reference until sent (asyncio holds tasks weakly)
         task.add_done_callback(self._preview_tasks.discard)
 
-    async def _send_pair(self, meta: dict, data: bytes) -> None:
+    async def _send_preview(self, meta: dict, data: bytes) -> None:
         try:
-            async with self.send_lock:
-                await self.ws.send_json(meta)
-                await self.ws.send_bytes(data)
+            await self.send_pair(meta, data)
         except Exception as e:  # the connection closed mid-send: the read loop ends the session
             log.debug("ws: preview not sent: %s", e)
 
@@ -242,9 +240,7 @@ class _Session:
             "batch_images": generation.batch_images,
             "bytes": len(data),
         }
-        async with self.send_lock:
-            await self.ws.send_json(meta)
-            await self.ws.send_bytes(data)
+        await self.send_pair(meta, data)
 
     def _remember(self, message_id, image, parameters) -> None:
         if message_id is None:
@@ -259,15 +255,20 @@ class _Session:
             raise ApiError(404, f"id: no recent result {message_id!r} on this connection", "id")
         image, parameters = self.recent[message_id]
         data = await asyncio.to_thread(encode_image, image, "png", parameters)
-        async with self.send_lock:
-            await self.ws.send_json({"type": "download", "id": message_id, "format": "png", "seed": parameters.seed})
-            await self.ws.send_bytes(data)
+        meta = {"type": "download", "id": message_id, "format": "png", "seed": parameters.seed}
+        await self.send_pair(meta, data)
 
     # -- sending ------------------------------------------------------------------------------------------------
 
     async def send_json(self, data: dict) -> None:
         async with self.send_lock:
             await self.ws.send_json(data)
+
+    async def send_pair(self, meta: dict, data: bytes) -> None:
+        """A result's JSON and its binary frame, adjacent."""
+        async with self.send_lock:
+            await self.ws.send_json(meta)
+            await self.ws.send_bytes(data)
 
     async def send_error(self, message_id, error: ApiError) -> None:
         await self.send_json(
