@@ -159,8 +159,8 @@ def test_a_slow_model_shows_step_previews_before_the_image(browser):
         page.on("websocket", lambda ws: ws.on("framesent", lambda payload: sent.append(payload)))
         page.goto(server.url + "/")
         page.locator("#prompt").fill("first")
-        wait_for_image_of(page, "first")  # took > 300 ms: from now on the page asks for previews
-        assert '"preview"' not in sent[-1]
+        wait_for_image_of(page, "first")  # took > 300 ms: the page goes on asking for previews
+        assert '"preview":true' in sent[-1]  # the first request asks: the model's speed is not known yet
         page.locator("#prompt").fill("second")
         result = page.locator("#result")
         sync_api.expect(result).to_have_class(re.compile("preview"))  # the 8x8 thumbnail, shown at the image's size
@@ -172,3 +172,19 @@ def test_a_slow_model_shows_step_previews_before_the_image(browser):
         assert page.evaluate("document.getElementById('result').naturalWidth") == 64
         assert '"preview":true' in sent[-1]
         context.close()
+
+
+def test_a_fast_model_gets_no_previews_after_its_first_result(browser, page_server):
+    context = browser.new_context()
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    sent = []
+    page.on("websocket", lambda ws: ws.on("framesent", lambda payload: sent.append(payload)))
+    page.goto(page_server.url + "/")
+    page.locator("#prompt").fill("quick one")
+    wait_for_image_of(page, "quick one")
+    assert '"preview":true' in sent[-1]  # the model's speed was not known yet
+    page.locator("#prompt").fill("quick two")
+    wait_for_image_of(page, "quick two")
+    assert '"preview"' not in sent[-1]  # 50 ms per image: previews would only add frames
+    context.close()

@@ -143,7 +143,8 @@ function request() {
     guidance_scale: Number($("guidance").value) || 0,
     format: "jpeg",
   };
-  if (state.lastInferenceMs > PREVIEW_AFTER_MS) msg.preview = true;
+  // Until a first result shows the model's speed, ask for previews too: on a CPU that first image takes seconds.
+  if (!state.shown || state.lastInferenceMs > PREVIEW_AFTER_MS) msg.preview = true;
   const negative = $("negative").value.trim();
   if (negative && msg.guidance_scale > 1) msg.negative_prompt = negative;
   if (state.source !== "none") {
