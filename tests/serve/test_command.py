@@ -101,6 +101,14 @@ def test_requests_without_a_size_get_the_model_s_own_unless_the_operator_chose(m
 
     assert with_model_default_size(settings_from_args(parse()), 64).default_side_px == 64  # sdturbo-mini
     assert with_model_default_size(settings_from_args(parse()), 512).default_side_px == 512
-    assert with_model_default_size(settings_from_args(parse()), 2048).default_side_px == 512  # over --max-side 1024
+    assert with_model_default_size(settings_from_args(parse("--max-side", "128")), 64).default_side_px == 64
+    with pytest.raises(ValueError, match="--max-side 256 is below this model's size 512"):
+        with_model_default_size(settings_from_args(parse("--max-side", "256")), 512)
     monkeypatch.setenv("SDTURBO_DEFAULT_SIDE_PX", "256")
     assert with_model_default_size(settings_from_args(parse()), 64).default_side_px == 256
+
+
+def test_a_chosen_default_size_must_fit_under_max_side(monkeypatch, capsys):
+    monkeypatch.setenv("SDTURBO_DEFAULT_SIDE_PX", "512")
+    assert serve_main(parse("--max-side", "256")) == 2
+    assert "max_side_px 256 is below default_side_px 512" in capsys.readouterr().err

@@ -78,8 +78,13 @@ def settings_from_args(args: argparse.Namespace):
 def with_model_default_size(settings, native_side_px: int):
     """Requests that name no size get the model's own (64 px for sdturbo-mini, 512 for SDXL-Turbo) unless the
     operator chose default_side_px; images at other sizes come out poor."""
-    if "default_side_px" in settings.model_fields_set or native_side_px > settings.max_side_px:
+    if "default_side_px" in settings.model_fields_set:
         return settings
+    if native_side_px > settings.max_side_px:
+        raise ValueError(
+            f"--max-side {settings.max_side_px} is below this model's size {native_side_px}: raise --max-side, or set "
+            "SDTURBO_DEFAULT_SIDE_PX to the size requests get by default"
+        )
     return settings.model_copy(update={"default_side_px": native_side_px})
 
 

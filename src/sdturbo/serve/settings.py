@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -63,13 +63,13 @@ class ServeSettings(BaseSettings):
             raise ValueError("api_key must be at least 8 characters")
         return v
 
-    @field_validator("max_side_px")
-    @classmethod
-    def _default_fits(cls, v: int, info) -> int:
-        default = info.data.get("default_side_px", 512)
-        if v < default:
-            raise ValueError(f"max_side_px {v} is below default_side_px {default}")
-        return v
+    @model_validator(mode="after")
+    def _default_fits(self) -> "ServeSettings":
+        # An unset default_side_px becomes the model's own size at startup (serve.command.with_model_default_size),
+        # which checks it there; a chosen one must fit now.
+        if "default_side_px" in self.model_fields_set and self.max_side_px < self.default_side_px:
+            raise ValueError(f"max_side_px {self.max_side_px} is below default_side_px {self.default_side_px}")
+        return self
 
     @property
     def max_body_bytes(self) -> int:
