@@ -177,6 +177,11 @@ function displayWidth(width) {
   return width < 256 ? width * 4 : width; // small models' images (sdturbo-mini: 64 px) are shown enlarged
 }
 
+function cssWidth(width) {
+  // Natural size where that is the display size, so the stylesheet's max-height keeps the aspect ratio.
+  return displayWidth(width) === width ? "" : `${displayWidth(width)}px`;
+}
+
 function showPreview(meta, blob) {
   // Newer than the image on screen and than any preview shown; the final image replaces it.
   if (meta.id <= state.shownId || meta.id < state.previewId) return;
@@ -190,7 +195,7 @@ function showPreview(meta, blob) {
 function show(meta, blob, roundTripMs) {
   const img = setResult(blob);
   img.classList.remove("preview");
-  img.style.width = `${displayWidth(meta.width)}px`;
+  img.style.width = cssWidth(meta.width);
   state.sentWidth.delete(meta.id);
   state.lastInferenceMs = meta.inference_ms;
   img.dataset.id = String(meta.id);
