@@ -3,6 +3,7 @@ uploads, drawings and the webcam drive image-to-image, downloads carry parameter
 
 from __future__ import annotations
 
+import contextlib
 import re
 import shutil
 
@@ -150,14 +151,26 @@ def test_the_page_asks_for_the_api_key(browser):
         context.close()
 
 
+@contextlib.contextmanager
+def page_recording_sent_frames(browser, url: str):
+    """A fresh page on `url` and the list of the WebSocket frames it sends, recorded from its first one."""
+    context = browser.new_context()
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    sent: list[str] = []
+    page.on("websocket", lambda ws: ws.on("framesent", lambda payload: sent.append(payload)))
+    page.goto(url + "/")
+    try:
+        yield page, sent
+    finally:
+        context.close()
+
+
 def test_a_slow_model_shows_step_previews_before_the_image(browser):
-    with running_server(FakePipeline(delay_s=0.35, after_previews_s=1.5), default_side_px=64) as server:
-        context = browser.new_context()
-        page = context.new_page()
-        page.set_default_timeout(TIMEOUT_MS)
-        sent = []
-        page.on("websocket", lambda ws: ws.on("framesent", lambda payload: sent.append(payload)))
-        page.goto(server.url + "/")
+    with (
+        running_server(FakePipeline(delay_s=0.35, after_previews_s=1.5), default_side_px=64) as server,
+        page_recording_sent_frames(browser, server.url) as (page, sent),
+    ):
         page.locator("#prompt").fill("first")
         wait_for_image_of(page, "first")  # took > 300 ms: the page goes on asking for previews
         assert '"preview":true' in sent[-1]  # the first request asks: the model's speed is not known yet
@@ -171,20 +184,13 @@ def test_a_slow_model_shows_step_previews_before_the_image(browser):
         sync_api.expect(result).not_to_have_class(re.compile("preview"))
         assert page.evaluate("document.getElementById('result').naturalWidth") == 64
         assert '"preview":true' in sent[-1]
-        context.close()
 
 
 def test_a_fast_model_gets_no_previews_after_its_first_result(browser, page_server):
-    context = browser.new_context()
-    page = context.new_page()
-    page.set_default_timeout(TIMEOUT_MS)
-    sent = []
-    page.on("websocket", lambda ws: ws.on("framesent", lambda payload: sent.append(payload)))
-    page.goto(page_server.url + "/")
-    page.locator("#prompt").fill("quick one")
-    wait_for_image_of(page, "quick one")
-    assert '"preview":true' in sent[-1]  # the model's speed was not known yet
-    page.locator("#prompt").fill("quick two")
-    wait_for_image_of(page, "quick two")
-    assert '"preview"' not in sent[-1]  # 50 ms per image: previews would only add frames
-    context.close()
+    with page_recording_sent_frames(browser, page_server.url) as (page, sent):
+        page.locator("#prompt").fill("quick one")
+        wait_for_image_of(page, "quick one")
+        assert '"preview":true' in sent[-1]  # the model's speed was not known yet
+        page.locator("#prompt").fill("quick two")
+        wait_for_image_of(page, "quick two")
+        assert '"preview"' not in sent[-1]  # 50 ms per image: previews would only add frames
