@@ -247,6 +247,11 @@ class TurboPipeline:
     def _vae_scale(self) -> int:
         return self.spec.vae.downscale_factor
 
+    @property
+    def native_side_px(self) -> int:
+        """The side the model was trained at (512 for SDXL-Turbo, 64 for sdturbo-mini): the default image size."""
+        return self.spec.unet.sample_size * self._vae_scale
+
     @torch.no_grad()
     def decode_latents(self, x: torch.Tensor) -> torch.Tensor:
         """latents [B,4,h,w] -> image [B,3,H,W] in [-1, 1] (float32)."""
@@ -267,7 +272,7 @@ class TurboPipeline:
         return [Image.fromarray(p) for p in preview_pixels(latents, factors=self._preview_factors).numpy()]
 
     def _check_size(self, height: int | None, width: int | None) -> tuple[int, int]:
-        default = self.spec.unet.sample_size * self._vae_scale
+        default = self.native_side_px
         height = default if height is None else height
         width = default if width is None else width
         for name, v in (("height", height), ("width", width)):

@@ -117,7 +117,7 @@ def serve_main(args: argparse.Namespace) -> int:
         from ..speed import optimize
 
         optimize(pipeline, compile=settings.compile)
-    settings = with_model_default_size(settings, pipeline.spec.unet.sample_size * pipeline.spec.vae.downscale_factor)
+    settings = with_model_default_size(settings, pipeline.native_side_px)
     engine = Engine(pipeline, settings.max_batch, settings.max_queue, settings.request_timeout_s)
     app = create_app(settings, engine)
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
