@@ -8,6 +8,7 @@ import copy
 import pytest
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from sdturbo import speed
 from sdturbo.bench import write_byte_level_tokenizer
@@ -61,6 +62,44 @@ def test_fused_attention_matches_attention(context_dim, qkv_bias):
         assert torch.allclose(fused(x, context), other(x, context), atol=1e-5, rtol=1e-5)
 
 
+def count_kv_projections(monkeypatch, modules) -> list:
+    """Patches F.linear to record every call that projects a context through one of these cross-attentions' fused
+    k/v weight (that slice is the whole fused weight, so its data pointer names it)."""
+    kv_weights = {m.weight.data_ptr() for m in modules if not m.is_qkv}
+    calls, linear = [], F.linear
+
+    def counting_linear(x, weight, bias=None):
+        if weight.data_ptr() in kv_weights:
+            calls.append(weight.data_ptr())
+        return linear(x, weight, bias)
+
+    monkeypatch.setattr(F, "linear", counting_linear)
+    return calls
+
+
+def test_cross_attention_computes_k_and_v_once_per_context(monkeypatch):
+    torch.manual_seed(0)
+    attn = Attention(32, 48, heads=2, head_dim=16).eval()
+    fused = speed.FusedAttention(copy.deepcopy(attn))
+    calls = count_kv_projections(monkeypatch, [fused])
+    x, context = torch.randn(2, 10, 32), torch.randn(2, 7, 48)
+    with torch.no_grad():
+        first = fused(x, context)
+        assert torch.equal(fused(x, context), first) and len(calls) == 1  # same tensor: k, v reused, same result
+        assert torch.equal(fused(x, context.clone()), first) and len(calls) == 2  # another tensor: computed anew
+        context.mul_(2)  # changed in place: its k and v are stale
+        assert torch.allclose(fused(x, context), attn(x, context), atol=1e-5, rtol=1e-5) and len(calls) == 3
+        other = Attention(32, 48, heads=2, head_dim=16).eval()
+        fused.load_state_dict(other.state_dict())  # new weights: stale too
+        assert torch.allclose(fused(x, context), other(x, context), atol=1e-5, rtol=1e-5) and len(calls) == 4
+    fused(x, context), fused(x, context)  # with autograd on nothing is kept (k and v would hold the graph)
+    assert len(calls) == 6
+    with torch.inference_mode():  # inference tensors track no in-place changes: nothing is kept
+        context = torch.randn(2, 7, 48)
+        fused(x, context), fused(x, context)
+    assert len(calls) == 8
+
+
 def tiny_pipeline(tmp_path, dtype=torch.float32) -> TurboPipeline:
     """TINY with PyTorch's default initialisation, whose activations stay O(1) (small random weights would make
     every difference look small)."""
@@ -94,6 +133,22 @@ def test_optimized_pipeline_matches_plain(tmp_path):
     assert rel_err(fast(**kwargs).images, plain(**kwargs).images) < 1e-5
     img2img = {**kwargs, "image": torch.rand(1, 3, 64, 64), "strength": 0.5}
     assert rel_err(fast(**img2img).images, plain(**img2img).images) < 1e-5
+
+
+def test_fast_pipeline_projects_each_context_once(tmp_path, monkeypatch):
+    """Multi-step calls project the text context once, and a cached prompt's context is not projected again."""
+    fast = speed.optimize(tiny_pipeline(tmp_path), fuse_qkv=True, cpu_malloc=False)
+    cross = [m for m in fast.unet.modules() if isinstance(m, speed.FusedAttention) and not m.is_qkv]
+    calls = count_kv_projections(monkeypatch, cross)
+    kwargs = {"prompt": "a red circle", "height": 64, "width": 64, "seed": 3, "output_type": "pt"}
+    first = fast(**kwargs, num_inference_steps=3).images
+    assert len(calls) == len(cross) > 0
+    again = fast(**kwargs, num_inference_steps=3).images
+    assert len(calls) == len(cross) and torch.equal(again, first)
+    fast(**{**kwargs, "prompt": "a blue square"})
+    assert len(calls) == 2 * len(cross)
+    fast(**kwargs, num_images_per_prompt=2, num_inference_steps=2)  # a repeated context: once per call
+    assert len(calls) == 3 * len(cross)
 
 
 def test_bf16_fast_path_is_as_close_to_fp32_as_the_plain_bf16_path(tmp_path):
@@ -161,3 +216,16 @@ def test_compile_cache_dir_comes_from_the_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     assert speed.use_compile_cache() == tmp_path / "inductor"
     assert (tmp_path / "inductor").is_dir()
+
+
+def test_fast_path_unet_traces_as_one_graph(tmp_path):
+    """compile_models uses fullgraph=True: the fast path's modules (the k/v memo included) must trace without a break.
+    The eager backend checks the capture in seconds, without inductor's code generation."""
+    pipe = speed.optimize(tiny_pipeline(tmp_path), fuse_qkv=True, cpu_malloc=False)
+    x, context = torch.randn(1, 4, 8, 8), torch.randn(1, 77, TINY.unet.context_dim)
+    y = torch.randn(1, TINY.unet.adm_in_channels)
+    t = torch.tensor(999.0).expand(1)
+    torch._dynamo.reset()
+    compiled = torch.compile(pipe.unet, fullgraph=True, dynamic=False, backend="eager")
+    with torch.no_grad():
+        assert torch.equal(compiled(x, t, context, y), pipe.unet(x, t, context, y))

@@ -196,9 +196,11 @@ def part_functions(ours, ref, size_px: int, batch: int, steps_list: list[int]):
         "text": (encode_uncached,
                  lambda: ref.encode_prompt(prompts, device=device, num_images_per_prompt=1,
                                            do_classifier_free_guidance=False)),
-        "unet": (lambda: ours.unet(x, t, context, y),
-                 lambda: ref.unet(x, t, encoder_hidden_states=context,
-                                  added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids.expand(batch, -1)}).sample),
+        # A fresh context tensor per call: the fast path would otherwise keep its k and v from the previous call,
+        # which the end-to-end rows (new prompt each call, k and v once per call) show where it is real.
+        "unet": (lambda: ours.unet(x, t, context.clone(), y),
+                 lambda: ref.unet(x, t, encoder_hidden_states=context, added_cond_kwargs={
+                     "text_embeds": pooled, "time_ids": time_ids.expand(batch, -1)}).sample),
         "vae_decode": (lambda: ours.decode_latents(x), ref_decode),
         "to_pil": (lambda: _to_output(image, "pil", truncate=False),
                    lambda: ref.image_processor.postprocess(image.clamp(-1, 1), output_type="pil")),
@@ -242,7 +244,9 @@ def run_bench(config: str = "official", device: str = "auto", dtype: str | None 
     spec = PRESETS["sdxl-turbo" if config == "official" else "tiny"]
     if config != "official":
         size_px = min(size_px, 64)
-    with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
+    # no_grad as in the pipeline, not inference_mode: the fast path keeps a context's k and v only for tensors whose
+    # in-place changes it can see
+    with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
         t0 = time.perf_counter()
         ours, ref = build_pair(spec, device_, dtype_, Path(tmp), vae_dtype_) if with_diffusers else (
             build_ours(spec, device_, dtype_, Path(tmp), vae_dtype_), None)

@@ -127,8 +127,9 @@ class TurboPipeline:
                 neg_context, neg_pooled = self.encode_prompt(negative_prompts)
             context = torch.cat([neg_context.repeat_interleave(n, 0), context.repeat_interleave(n, 0)])
             pooled = torch.cat([neg_pooled.repeat_interleave(n, 0), pooled.repeat_interleave(n, 0)])
-        else:
+        elif n > 1:
             context, pooled = context.repeat_interleave(n, 0), pooled.repeat_interleave(n, 0)
+        # else the prompt cache's own tensors: the fast path's cross-attention keeps their k and v between calls
         time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=self.dtype, device=self.device)
         y = make_y(pooled, time_ids.expand(pooled.shape[0], -1), self.spec.unet)
         return context, y
