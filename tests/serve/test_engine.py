@@ -201,7 +201,7 @@ def test_metrics_count_batches_and_images():
     assert "sdturbo_batch_images_count 1.0" in text
 
 
-def test_previews_reach_only_the_jobs_that_ask_and_never_fail_a_job():
+def test_previews_reach_only_the_jobs_that_ask_and_never_fail_a_job(caplog):
     pipe = FakePipeline(delay_s=0.05)
     jobs = [job("warm-up")] + [job(p, seeds=s, steps=2) for p, s in (("quiet", (1, 2)), ("watched", (3,)), ("bad", (4,)))]
     seen: list[tuple[int, Image.Image]] = []
@@ -220,5 +220,6 @@ def test_previews_reach_only_the_jobs_that_ask_and_never_fail_a_job():
     assert pipe.batch_sizes == [1, 4]  # asking for previews does not split a batch
     want = expected(jobs[2])[0].resize((8, 8), Image.NEAREST)
     assert [step for step, _ in seen] == [0, 1] and all(same_pixels(im, want) for _, im in seen)
+    assert caplog.text.count("engine: preview sink failed") == 2  # the engine's log, not asyncio's "Exception in"
     for j, gen in zip(jobs, results, strict=True):
         assert all(same_pixels(a, b) for a, b in zip(gen.images, expected(j), strict=True))

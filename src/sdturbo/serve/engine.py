@@ -272,7 +272,15 @@ class Engine:
 
 
 def _threadsafe(loop: asyncio.AbstractEventLoop, sink: PreviewSink) -> PreviewSink:
-    return lambda image, step: loop.call_soon_threadsafe(sink, image, step)
+    """Runs the sink on the event loop; a failing sink is logged once per failure, like a failing preview."""
+
+    def run(image: Image.Image, step: int) -> None:
+        try:
+            sink(image, step)
+        except Exception:
+            log.exception("engine: preview sink failed")
+
+    return lambda image, step: loop.call_soon_threadsafe(run, image, step)
 
 
 def _preview_callback(jobs: list[Job], sinks: list[PreviewSink | None]):
