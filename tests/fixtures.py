@@ -41,7 +41,8 @@ def bytes_to_unicode() -> dict[int, str]:
 
 def clip_vocab_and_merges(bpe_gz: Path, num_merges: int = NUM_CLIP_MERGES) -> tuple[dict[str, int], list[str]]:
     """The CLIP vocab (49408 entries with all 48,894 merges) and its merge lines, in OpenAI CLIP's order."""
-    lines = gzip.open(bpe_gz).read().decode("utf-8").split("\n")
+    with gzip.open(bpe_gz) as f:
+        lines = f.read().decode("utf-8").split("\n")
     merges = lines[1 : num_merges + 1]  # line 0 is the "#version" header
     byte_chars = list(bytes_to_unicode().values())
     merged = ["".join(merge.split()) for merge in merges]

@@ -135,7 +135,7 @@ def test_one_vocab_folder_serves_both_towers_with_their_pad_ids(tiny_single_file
 
 
 def test_tokenizer_folder_without_vocab_is_named(tiny_single_file, tmp_path):
-    with pytest.raises(LoadError, match="has no vocab.json \+ merges.txt or tokenizer.json"):
+    with pytest.raises(LoadError, match=r"has no vocab.json \+ merges.txt or tokenizer.json"):
         load_components(tiny_single_file, tokenizer=tmp_path)
 
 
