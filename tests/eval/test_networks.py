@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from sdturbo.eval.metrics import alignment, alignment_breakdown
 from sdturbo.eval.networks import (
@@ -65,3 +66,11 @@ def test_shipped_classifier_reads_real_heldout_images():
     _, scenes = measure(load_eval_net(), real_images(prompts, seed=123))
     specs = [parse_caption(p) for p in prompts]
     assert alignment(scenes, specs) >= 0.9, alignment_breakdown(scenes, specs)
+
+
+def test_other_weights_are_refused_in_one_line(tmp_path):
+    save_file({"x": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
+    (tmp_path / "text.safetensors").write_text("not safetensors")
+    for name in ("other.safetensors", "text.safetensors"):
+        with pytest.raises(ValueError, match="does not hold evaluation network weights"):
+            load_eval_net(tmp_path / name)

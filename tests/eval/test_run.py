@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from sdturbo.eval.cli import add_eval_arguments, format_table, run_eval
+from sdturbo.eval.cli import DEFAULT_MODELS_DIR, add_eval_arguments, check_args, format_table, run_eval
 from sdturbo.eval.networks import EvalNet, save_eval_net
 from sdturbo.eval.run import ROW_NAMES, eval_prompts, scene_for
 from sdturbo.loading import save_diffusers_folder
@@ -73,3 +73,31 @@ def test_run_eval_writes_the_rows_and_marks_missing_models(tiny_models_dir, tmp_
     assert teacher["fid"] is None and teacher["alignment"] is None and "not found" in teacher["note"]
     assert [r["name"] for r in result["references"]] == ["real", "vae-reconstruction"]
     assert "| add-1 | 1 |" in format_table(result)
+
+
+def eval_args(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_eval_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--num-images", "1"], "--num-images must be at least 2"),
+    (["--eval-net", "missing.safetensors"], "--eval-net missing.safetensors does not exist"),
+    (["--models-dir", "missing"], "--models-dir missing is not a folder"),
+    (["--json", "."], "--json . is a folder"),
+    (["--json", "missing/eval.json"], "--json: folder missing does not exist"),
+])
+def test_bad_arguments_fail_before_the_run(flags, message, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = eval_args("--json", "eval.json", "--num-images", "2", "--rows", "add-1", "--device", "cpu", *flags)
+    with pytest.raises(ValueError, match=message):
+        run_eval(args)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_absent_default_models_dir_is_reported_not_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.warns(UserWarning, match="only the add rows run"):
+        assert check_args(eval_args("--json", "eval.json")) == DEFAULT_MODELS_DIR

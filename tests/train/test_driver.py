@@ -5,6 +5,7 @@ import argparse
 import json
 import math
 import shutil
+import warnings
 from dataclasses import replace
 
 import numpy as np
@@ -15,7 +16,7 @@ from safetensors.torch import load_file
 
 from add_fixtures import build, stream_batch
 from sdturbo.pipeline import TurboPipeline
-from sdturbo.train.driver import TrainAddConfig, add_train_add_arguments, config_from_args, train
+from sdturbo.train.driver import TrainAddConfig, add_train_add_arguments, check_inputs, config_from_args, train
 from sdturbo.train.loop import ADDConfig, step_generator, student_forward
 from sdturbo.train.parallel import apply_activation_checkpointing
 
@@ -107,6 +108,40 @@ def test_out_folder_is_never_mixed(run, tiny_teacher, tmp_path):
         train(config(tiny_teacher, out))
     with pytest.raises(ValueError, match="no complete checkpoint"):
         train(config(tiny_teacher, tmp_path / "empty", resume=True))
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"feature_net": "missing.safetensors"}, "--feature-net missing.safetensors does not exist"),
+    ({"image_net": "missing.safetensors"}, "--image-net missing.safetensors does not exist"),
+    ({"data": "missing"}, "--data missing is not a folder"),
+    ({"student": "missing"}, "--student missing does not exist"),
+])
+def test_bad_input_paths_fail_before_anything_is_written(changes, message, tiny_teacher, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=message):
+        train(config(tiny_teacher, tmp_path / "run", **changes))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_data_folder_without_captions_leaves_no_run_behind(tiny_teacher, tmp_path):
+    (tmp_path / "data").mkdir()
+    with pytest.raises(ValueError, match="no image with a same-name .txt caption"):
+        train(config(tiny_teacher, tmp_path / "run", data=str(tmp_path / "data")))
+    assert not (tmp_path / "run").exists()
+
+
+def test_out_that_is_a_file_is_refused(tiny_teacher, tmp_path):
+    (tmp_path / "run").write_text("")
+    with pytest.raises(ValueError, match="--out .* is a file"):
+        train(config(tiny_teacher, tmp_path / "run"))
+
+
+def test_random_dinov2_features_are_warned_about(tiny_teacher, tmp_path):
+    with pytest.warns(UserWarning, match="without --feature-net .* facebook/dinov2-small"):
+        check_inputs(config(tiny_teacher, tmp_path, discriminator="dinov2"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_inputs(config(tiny_teacher, tmp_path))  # tiny: random features are its purpose
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ adv_only`, `--stage distill_only`). The evaluation reports the rows of absent fo
 from __future__ import annotations
 
 import argparse
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -59,7 +60,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
     parser.add_argument("--out", type=Path, default=DEFAULT_MODELS_DIR)
     args = parser.parse_args(argv)
-    written = write_models_dir(args.workdir, args.out)
+    try:
+        if not args.workdir.is_dir():
+            raise RuntimeError(f"--workdir {args.workdir} is not a folder; train sdturbo-mini there first: "
+                               f"sdturbo train mini --workdir {args.workdir}")
+        written = write_models_dir(args.workdir, args.out)
+    except RuntimeError as e:  # an absent or unfinished work dir; require_done names the stage to run
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print("\n".join(str(p) for p in written) or f"no finished teacher or student in {args.workdir}")
     return 0
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -131,5 +132,9 @@ def load_eval_net(path: Path = WEIGHTS_PATH, device: str | torch.device = "cpu")
     if not path.exists():
         raise FileNotFoundError(f"no evaluation network at {path}; train one: python -m sdturbo.eval.train_eval_net")
     net = EvalNet()
-    net.load_state_dict(load_file(str(path)))
+    try:
+        net.load_state_dict(load_file(str(path)))
+    except (SafetensorError, RuntimeError):  # not safetensors, or another network's weights
+        raise ValueError(f"{path} does not hold evaluation network weights (python -m sdturbo.eval.train_eval_net "
+                         "writes them)") from None
     return net.to(device).eval()

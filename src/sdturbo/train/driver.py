@@ -24,6 +24,7 @@ import sys
 import textwrap
 import time
 import typing
+import warnings
 from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass, replace
@@ -397,6 +398,26 @@ def mean_over_ranks(metrics: dict[str, float], device: torch.device) -> dict[str
     return dict(zip(metrics, (values / world).tolist()))
 
 
+def check_inputs(cfg: TrainAddConfig) -> None:
+    """Before any loading or writing, so that a typo fails in a second: the paths the flags name."""
+    for flag, model in (("--teacher", cfg.teacher), ("--student", cfg.student)):
+        if model not in (None, "mini") and not Path(model).exists() and not HUB_ID.fullmatch(model):
+            raise ValueError(f"{flag} {model} does not exist; give a diffusers folder, a .safetensors file, "
+                             "a Hugging Face model id or mini")
+    if cfg.data != "shapes" and not Path(cfg.data).is_dir():
+        raise ValueError(f"--data {cfg.data} is not a folder; give a folder of images with .txt captions, or shapes")
+    for flag, path in (("--feature-net", cfg.feature_net), ("--image-net", cfg.image_net)):
+        if path is not None and not Path(path).is_file():
+            raise ValueError(f"{flag} {path} does not exist; give a DINOv2 model.safetensors file")
+    if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
+        raise ValueError(f"--out {cfg.out} is a file; give a folder for the run")
+    # The paper's discriminator reads pretrained DINOv2 features; random ones give the student no useful signal.
+    if cfg.discriminator == "dinov2" and cfg.feature_net is None and rank_and_world()[0] == 0:
+        warnings.warn("--discriminator dinov2 without --feature-net trains against a randomly initialised ViT, "
+                      "which only tests the plumbing; pass --feature-net with DINOv2 ViT-S/14 weights "
+                      "(huggingface-cli download facebook/dinov2-small model.safetensors)")
+
+
 def check_out(out: Path, resume: bool) -> None:
     """Before any loading: a new run must not mix into an old one, a resumed run needs a checkpoint."""
     found = checkpoints(out)
@@ -455,6 +476,7 @@ def _train(cfg: TrainAddConfig, device: torch.device) -> Path:
     rank, world = rank_and_world()
     is_main = rank == 0
     out = Path(cfg.out)
+    check_inputs(cfg)
     check_out(out, cfg.resume)
     models, teacher = load_models(cfg, device)
     size_px = cfg.size_px or teacher.spec.unet.sample_size * teacher.spec.vae.downscale_factor
@@ -466,6 +488,8 @@ def _train(cfg: TrainAddConfig, device: torch.device) -> Path:
                               teacher.spec.unet, size_px, cfg.add)
     prompts = cfg.sample_prompts or (HELDOUT_PROMPTS[:8] if cfg.data == "shapes" else PHOTO_PROMPTS)
     log_path = out / "log.jsonl"
+    # Before OUT is written: a --data folder without captioned images fails here, leaving nothing behind.
+    batches: Iterator = iter(data_loader(cfg, size_px, start, device))
     if is_main:
         (out / "samples").mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
@@ -480,7 +504,6 @@ def _train(cfg: TrainAddConfig, device: torch.device) -> Path:
     if start == 0 and cfg.sample_every:
         sample(0)
     progress = tqdm(total=cfg.steps, initial=start, disable=not is_main, desc="ADD", dynamic_ncols=True)
-    batches: Iterator = iter(data_loader(cfg, size_px, start, device))
     for step in range(start, cfg.steps):
         data = next(batches)
         t0 = time.perf_counter()
