@@ -31,3 +31,41 @@ def test_bench_small_writes_a_table_and_json(tmp_path, capsys, extra, vae_dtype)
 def test_bench_rejects_bad_counts(capsys):
     assert main(["bench", "--config", "small", "--runs", "0"]) == 2
     assert "--runs" in capsys.readouterr().err
+
+
+@pytest.fixture
+def bench_args(monkeypatch):
+    """run_bench's arguments, the run itself stopped: what the CLI would have run."""
+    from sdturbo import bench
+
+    calls = []
+
+    def stopped(**kwargs):
+        calls.append(kwargs)
+        raise RuntimeError("stopped")
+
+    monkeypatch.setattr(bench, "run_bench", stopped)
+    return calls
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--json", "nodir/x.json"], "output folder nodir does not exist; create it or choose another --json path"),
+    (["--json", "."], "output path . is a folder; give --json a file name such as bench.json"),
+    (["--size", "0"], "--size must be a multiple of 8 from 64 to 2048, got 0"),
+    (["--size", "100"], "--size must be a multiple of 8 from 64 to 2048, got 100"),
+    (["--size", "128"], "--config small runs at 64x64 only: drop --size 128, or time the official sizes with "
+                        "--config official"),
+    (["--batch", "100000"], "--batch must be from 1 to 64, got 100000"),
+    (["--steps", "1", "0"], "--steps must each be from 1 to 50, got 0"),
+])
+def test_bench_rejects_bad_arguments_before_running(bench_args, tmp_path, monkeypatch, capsys, args, message):
+    monkeypatch.chdir(tmp_path)
+    assert main(["bench", "--config", "small", *args]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"error: {message}"]
+    assert bench_args == [] and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("args, size_px", [(["--config", "small"], 64), ([], 512), (["--size", "1024"], 1024)])
+def test_bench_size_defaults_to_the_configs(bench_args, args, size_px):
+    assert main(["bench", *args]) == 2  # the stopped run
+    assert bench_args[0]["size_px"] == size_px

@@ -69,11 +69,11 @@ def bad(tmp_path, capsys, model, *args, match: str):
 @pytest.mark.parametrize(
     "args,match",
     [
-        (["--size", "500x512"], "width must be a multiple of 8"),
-        (["--size", "512x0"], "height must be a multiple of 8"),
-        (["--steps", "0"], "num_inference_steps must be an integer from 1 to 50"),
-        (["--steps", "99"], "num_inference_steps"),
-        (["--n", "0"], "--n must be at least 1"),
+        (["--size", "500x512"], "--size 500x512: width and height must be multiples of 8"),
+        (["--size", "512x0"], "--size 512x0: width and height must be multiples of 8"),
+        (["--steps", "0"], "--steps must be from 1 to 50"),
+        (["--steps", "99"], "--steps must be from 1 to 50"),
+        (["--n", "0"], "--n must be from 1 to 64"),
     ],
 )
 def test_bad_generation_settings(tiny_model_dir, tmp_path, capsys, args, match):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import random
 import sys
 import time
@@ -12,6 +13,16 @@ from pathlib import Path
 from .serve import add_serve_arguments, serve_main
 
 DEFAULT_MODEL = "stabilityai/sdxl-turbo"
+# The pipeline's limits, checked here too so that a typo fails before a 7 GB model loads.
+MAX_IMAGES = 64
+MAX_STEPS = 50
+MAX_SIDE_PX = 2048
+VAE_FACTOR = 8  # every model sdturbo loads has SDXL's VAE downsampling
+SEED_LIMIT = 2**64  # torch generators take seeds below it
+SUBSTEP_SEED_LIMIT = 2**32  # numpy's RandomState, for --schedule substep, takes seeds below it
+DEFAULT_STRENGTH = 0.5
+BENCH_SIDE_PX = {"official": 512, "small": 64}  # bench.run_bench runs the small sizes at 64 at most
+BENCH_MIN_SIDE_PX = 64  # the small sizes' side; smaller images would time overheads more than the networks
 
 
 class UserError(Exception):
@@ -31,12 +42,16 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--output", default="sdturbo.png", help="PNG path; with --n > 1, -0, -1, ... are appended")
     p.add_argument("--model", default=DEFAULT_MODEL, help="hub id, diffusers folder, single .safetensors file, or mini")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder or hub id, for single-file checkpoints")
-    p.add_argument("--steps", type=int, default=1, help="sampling steps, 1-4 for turbo models (default 1)")
+    p.add_argument("--steps", type=int, default=1,
+                   help=f"sampling steps, 1-4 for turbo models, at most {MAX_STEPS} (default 1)")
     p.add_argument("--seed", type=int, default=None, help="image i uses seed + i; random (and printed) if omitted")
-    p.add_argument("--n", type=int, default=1, help="number of images")
-    p.add_argument("--size", type=_parse_size, default=None, help="WIDTHxHEIGHT, multiples of 8 (default: the model's)")
+    p.add_argument("--n", type=int, default=1, help=f"number of images, 1 to {MAX_IMAGES}")
+    p.add_argument("--size", type=_parse_size, default=None,
+                   help=f"WIDTHxHEIGHT, multiples of 8 up to {MAX_SIDE_PX} (default: the model's; with --image, the "
+                   "image's size rounded down to multiples of 8)")
     p.add_argument("--image", default=None, help="input image for image-to-image")
-    p.add_argument("--strength", type=float, default=0.5, help="img2img: how much to change the image, in (0, 1]")
+    p.add_argument("--strength", type=float, default=None,
+                   help=f"with --image: how much to change the image, in (0, 1] (default {DEFAULT_STRENGTH})")
     p.add_argument("--guidance-scale", type=float, default=0.0, help="classifier-free guidance; > 1 turns it on")
     p.add_argument("--negative-prompt", default=None, help="used only with --guidance-scale > 1")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -64,6 +79,44 @@ def add_speed_arguments(p: argparse.ArgumentParser) -> None:
                    help="torch.compile mode (default: reduce-overhead, i.e. CUDA graphs, on a GPU)")
 
 
+def check_generate_arguments(args: argparse.Namespace) -> None:
+    """The checks that need no model, so that they fail in milliseconds rather than after the load."""
+    if not 1 <= args.n <= MAX_IMAGES:
+        raise UserError(f"--n must be from 1 to {MAX_IMAGES}, got {args.n}")
+    if not 1 <= args.steps <= MAX_STEPS:
+        raise UserError(f"--steps must be from 1 to {MAX_STEPS} (1-4 for turbo models), got {args.steps}")
+    if args.size and not all(VAE_FACTOR <= v <= MAX_SIDE_PX and v % VAE_FACTOR == 0 for v in args.size):
+        w, h = args.size
+        raise UserError(f"--size {w}x{h}: width and height must be multiples of {VAE_FACTOR} from {VAE_FACTOR} to "
+                        f"{MAX_SIDE_PX}, such as {_nearest_side(w)}x{_nearest_side(h)}")
+    if args.strength is not None:
+        if args.image is None:
+            raise UserError("--strength applies to image-to-image: pass --image too, or drop --strength")
+        if not 0 < args.strength <= 1:
+            raise UserError(f"--strength must be in (0, 1], got {args.strength}")
+    if not (math.isfinite(args.guidance_scale) and args.guidance_scale >= 0):
+        raise UserError(f"--guidance-scale must be 0 or more, got {args.guidance_scale}")
+    if args.seed is not None:
+        _check_seed(args.seed, args.n, args.steps, args.schedule)
+
+
+def _nearest_side(v: int) -> int:
+    return min(max(v - v % VAE_FACTOR, VAE_FACTOR), MAX_SIDE_PX)
+
+
+def _check_seed(seed: int, n: int, steps: int, schedule: str) -> None:
+    """Image i gets seed + i, and each of those must be a valid seed."""
+    if schedule == "substep":  # numpy noise: draw k of an image uses RandomState(its seed + k)
+        limit, rule = SUBSTEP_SEED_LIMIT - steps, "--schedule substep needs seed + --steps below 2**32"
+    else:
+        limit, rule = SEED_LIMIT, "seeds must stay below 2**64"
+    if seed < 0:
+        raise UserError(f"--seed must be 0 or more, got {seed}")
+    if seed + n > limit:
+        images = f"with --n {n}, image i gets seed + i, and " if n > 1 else ""
+        raise UserError(f"--seed {seed} is too large: {images}{rule}; pass a --seed of at most {limit - n}")
+
+
 def output_paths(output: str, n: int) -> list[Path]:
     path = Path(output)
     if path.suffix.lower() != ".png":
@@ -73,11 +126,18 @@ def output_paths(output: str, n: int) -> list[Path]:
     return [path.with_name(f"{path.stem}-{i}{path.suffix}") for i in range(n)]
 
 
-def load_input_image(path: str):
+def load_input_image(path: str, size: tuple[int, int] | None):
+    """Without --size the output takes the image's size rounded down to multiples of 8, so that size is checked from
+    the header, before decoding: a huge image fails at once instead of after a load and gigabytes of memory."""
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as im:
+        with warnings.catch_warnings():  # the user's own file: the size check is the guard, not PIL's bomb warning
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(path)
+        with im:
+            if size is None:
+                _check_image_size(*im.size)
             im.load()
             return im.convert("RGB")
     except FileNotFoundError:
@@ -86,21 +146,27 @@ def load_input_image(path: str):
         raise UserError(f"input image {path} cannot be read as an image ({e})") from None
 
 
+def _check_image_size(w: int, h: int) -> None:
+    if max(w - w % VAE_FACTOR, h - h % VAE_FACTOR) > MAX_SIDE_PX:
+        raise UserError(f"--image is {w}x{h}; the largest side is {MAX_SIDE_PX}: pass --size WxH to resize it")
+    if min(w, h) < VAE_FACTOR:
+        raise UserError(f"--image is {w}x{h}; the smallest side is {VAE_FACTOR}: pass --size WxH to resize it")
+
+
 def run_generate(args: argparse.Namespace) -> None:
     import torch
 
     from .output import check_writable, save_png
     from .pipeline import TurboPipeline
 
-    if args.n < 1:
-        raise UserError(f"--n must be at least 1, got {args.n}")
+    check_generate_arguments(args)
     paths = output_paths(args.output, args.n)
     for path in paths:
         try:
             check_writable(path)
         except OSError as e:
             raise UserError(str(e)) from None
-    image = load_input_image(args.image) if args.image else None
+    image = load_input_image(args.image, args.size) if args.image else None
     seed = args.seed if args.seed is not None else random.randrange(2**32)
     if args.seed is None:
         print(f"seed: {seed}")
@@ -128,7 +194,7 @@ def run_generate(args: argparse.Namespace) -> None:
         num_images_per_prompt=args.n,
         negative_prompt=args.negative_prompt,
         image=image,
-        strength=args.strength,
+        strength=DEFAULT_STRENGTH if args.strength is None else args.strength,
         seed=[seed + i for i in range(args.n)],
         schedule=args.schedule,
     )
@@ -138,8 +204,8 @@ def run_generate(args: argparse.Namespace) -> None:
     for im, params, path in zip(out.images, out.parameters, paths):
         try:
             save_png(im, path, params)
-        except OSError as e:
-            raise UserError(f"cannot write {path}: {e}") from None
+        except OSError as e:  # strerror: the message without the name of the temporary file it failed on
+            raise UserError(f"cannot write {path}: {e.strerror or e}") from None
         print(path)
     print(f"generated {args.n} image(s) in {elapsed:.2f} s", file=sys.stderr)
 
@@ -152,9 +218,12 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     add_vae_dtype_argument(p)
     p.add_argument("--runs", type=int, default=3, help="timed repetitions; the median is reported")
     p.add_argument("--warmup", type=int, default=1, help="untimed repetitions first")
-    p.add_argument("--steps", type=int, nargs="+", default=[1, 4], help="end-to-end step counts to time")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--size", type=int, default=512, help="square image side in pixels")
+    p.add_argument("--steps", type=int, nargs="+", default=[1, 4],
+                   help=f"end-to-end step counts to time, each 1 to {MAX_STEPS}")
+    p.add_argument("--batch", type=int, default=1, help=f"images per call, 1 to {MAX_IMAGES}")
+    p.add_argument("--size", type=int, default=None,
+                   help=f"square image side in pixels, a multiple of 8 from {BENCH_MIN_SIDE_PX} to {MAX_SIDE_PX} "
+                   f"(default {BENCH_SIDE_PX['official']}; --config small runs at {BENCH_SIDE_PX['small']} only)")
     p.add_argument("--no-diffusers", action="store_true", help="time sdturbo only")
     p.add_argument("--json", default=None, help="also write the report as JSON here")
     add_speed_arguments(p)
@@ -165,18 +234,45 @@ def run_bench(args: argparse.Namespace) -> None:
 
     from .bench import format_table, run_bench as bench
 
-    if args.runs < 1 or args.warmup < 0 or args.batch < 1:
-        raise UserError("--runs and --batch must be at least 1 and --warmup at least 0")
+    from .output import check_writable
+
+    check_bench_arguments(args)
+    if args.json:
+        try:
+            check_writable(args.json, "--json", "bench.json")
+        except OSError as e:
+            raise UserError(str(e)) from None
     try:
         report = bench(config=args.config, device=args.device, dtype=args.dtype, runs=args.runs, warmup=args.warmup,
-                       steps=tuple(args.steps), batch=args.batch, size_px=args.size,
+                       steps=tuple(args.steps), batch=args.batch, size_px=args.size or BENCH_SIDE_PX[args.config],
                        with_diffusers=not args.no_diffusers, fast=args.fast, compile=args.compile,
                        compile_mode=args.compile_mode, vae_dtype=args.vae_dtype)
     except RuntimeError as e:
         raise UserError(str(e)) from None
     print(format_table(report))
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2))
+        try:
+            Path(args.json).write_text(json.dumps(report, indent=2))
+        except OSError as e:
+            raise UserError(f"cannot write {args.json}: {e.strerror or e}") from None
+
+
+def check_bench_arguments(args: argparse.Namespace) -> None:
+    if args.runs < 1 or args.warmup < 0:
+        raise UserError("--runs must be at least 1 and --warmup at least 0")
+    if not 1 <= args.batch <= MAX_IMAGES:
+        raise UserError(f"--batch must be from 1 to {MAX_IMAGES}, got {args.batch}")
+    for steps in args.steps:
+        if not 1 <= steps <= MAX_STEPS:
+            raise UserError(f"--steps must each be from 1 to {MAX_STEPS}, got {steps}")
+    if args.size is None:
+        return
+    if not (BENCH_MIN_SIDE_PX <= args.size <= MAX_SIDE_PX and args.size % VAE_FACTOR == 0):
+        raise UserError(f"--size must be a multiple of {VAE_FACTOR} from {BENCH_MIN_SIDE_PX} to {MAX_SIDE_PX}, "
+                        f"got {args.size}")
+    if args.config == "small" and args.size != BENCH_SIDE_PX["small"]:
+        raise UserError(f"--config small runs at {BENCH_SIDE_PX['small']}x{BENCH_SIDE_PX['small']} only: drop "
+                        f"--size {args.size}, or time the official sizes with --config official")
 
 
 def run_serve(args: argparse.Namespace) -> None:

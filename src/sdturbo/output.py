@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 import os
-import tempfile
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,30 +53,44 @@ def png_bytes(image: Image.Image, parameters: GenerationParameters | str) -> byt
     return buf.getvalue()
 
 
-def check_writable(path: str | Path) -> Path:
-    """Fail before generating, not after: the folder must exist and be writable."""
+def check_writable(path: str | Path, flag: str = "-o", example: str = "image.png") -> Path:
+    """Fail before generating, not after: the folder must exist and take a new file. flag: the option that gave the
+    path, and example a file name for it, for the messages."""
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
     if path.is_dir():
-        raise OSError(f"output path {path} is a folder; give a file name such as {path / 'image.png'}")
+        raise OSError(f"output path {path} is a folder; give {flag} a file name such as {path / example}")
+    if folder.exists() and not folder.is_dir():
+        raise OSError(f"output folder {folder} is a file, not a folder; choose another {flag} path")
     if not folder.is_dir():
-        raise OSError(f"output folder {folder} does not exist; create it or choose another -o path")
-    if not os.access(folder, os.W_OK):
-        raise OSError(f"output folder {folder} is not writable; choose another -o path")
+        raise OSError(f"output folder {folder} does not exist; create it or choose another {flag} path")
+    try:  # a real file, as os.access says yes to root even where nothing can be created (/proc)
+        fd, tmp = _create_temp(path)
+    except OSError as e:
+        raise OSError(f"output folder {folder} is not writable ({e.strerror}); choose another {flag} path") from None
+    os.close(fd)
+    tmp.unlink()
     return path
+
+
+def _create_temp(path: Path) -> tuple[int, Path]:
+    """A new file beside `path`, open for writing, with the mode the user's umask gives new files (mkstemp's are
+    0600, which the renamed PNG would keep)."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
 
 
 def save_png(image: Image.Image, path: str | Path, parameters: GenerationParameters | str) -> Path:
     """Write atomically (temp file + rename), so a failure never leaves a half-written image behind."""
     path = check_writable(path)
     data = png_bytes(image, parameters)
-    fd, tmp = tempfile.mkstemp(dir=path.parent or ".", prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = _create_temp(path)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     return path
 

@@ -107,12 +107,17 @@ def _diffusers_folder(source: str | Path, variant: str | None) -> Path | None:
     """The local folder behind `source`, downloading a Hub id; None when source names a single file."""
     path = Path(source)
     if path.is_dir():
+        if not any((path / name).exists() for name in ("model_index.json", *COMPONENTS)):
+            raise LoadError(f"{source} is not a diffusers model folder (no model_index.json, unet/ or vae/ in it); "
+                            "pass the folder that holds them, or a single .safetensors file")
         return path
     if path.is_file() or path.suffix in (".safetensors", *PICKLE_SUFFIXES):
         return None
     if HUB_ID.fullmatch(str(source)):
         return resolve_hub_id(str(source), variant)
-    raise LoadError(f"{source} is neither a folder, a .safetensors file nor a Hugging Face model id")
+    # "mini", the bundled model, is a name TurboPipeline.from_pretrained takes only spelt exactly so
+    hint = "; did you mean mini?" if str(source).lower() == "mini" else ""
+    raise LoadError(f"{source} is neither a folder, a .safetensors file nor a Hugging Face model id{hint}")
 
 
 def _read_folder(
