@@ -49,17 +49,59 @@ def test_api_key_from_the_environment(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "argv, field",
+    "argv, message",
     [
-        (["--max-batch", "0"], "max_batch"),
-        (["--port", "70000"], "port"),
-        (["--api-key", "short"], "api_key"),
-        (["--vae-dtype", "fp16"], "vae_dtype"),
+        (["--max-batch", "0"], "error: --max-batch: must be greater than or equal to 1"),
+        (["--port", "70000"], "error: --port: must be less than or equal to 65535"),
+        (["--api-key", "short"], "error: --api-key: must be at least 8 characters"),
+        (["--vae-dtype", "fp16"], "error: --vae-dtype: must be 'auto', 'fp32' or 'bf16'"),
+        (["--timeout", "-5"], "error: --timeout: must be greater than 0"),
+        (["--max-side", "100"], "error: --max-side: must be a multiple of 8"),
     ],
 )
-def test_bad_flags_exit_2_before_loading_a_model(argv, field, capsys):
+def test_bad_flags_exit_2_naming_the_flag_before_loading_a_model(argv, message, capsys):
     assert serve_main(parse(*argv)) == 2
-    assert field in capsys.readouterr().err
+    assert capsys.readouterr().err.startswith(message)
+
+
+@pytest.mark.parametrize(
+    "name, value, message",
+    [
+        ("SDTURBO_API_KEY", "sekrit", "SDTURBO_API_KEY: must be at least 8 characters"),
+        ("SDTURBO_MAX_SIDE", "100", "SDTURBO_MAX_SIDE: must be a multiple of 8"),
+        ("SDTURBO_MAX_SIDE_PX", "100", "SDTURBO_MAX_SIDE_PX: must be a multiple of 8"),
+        ("SDTURBO_TIMEOUT", "0", "SDTURBO_TIMEOUT: must be greater than 0"),
+        ("SDTURBO_ALLOW_ORIGIN", '["unclosed', "SDTURBO_ALLOW_ORIGIN: give the values separated by spaces"),
+    ],
+)
+def test_bad_environment_values_exit_2_naming_the_variable(monkeypatch, capsys, name, value, message):
+    monkeypatch.setenv(name, value)
+    assert serve_main(parse()) == 2
+    assert capsys.readouterr().err.startswith("error: " + message)
+
+
+def test_the_environment_names_follow_the_flags_and_the_old_names_still_work(monkeypatch):
+    monkeypatch.setenv("SDTURBO_MAX_SIDE", "768")
+    monkeypatch.setenv("SDTURBO_TIMEOUT", "5")
+    monkeypatch.setenv("SDTURBO_ALLOW_ORIGIN", "http://a.example http://b.example")
+    monkeypatch.setenv("SDTURBO_ALLOWED_HOSTS", '["images.internal"]')  # the field's name, as documented before
+    s = settings_from_args(parse())
+    assert (s.max_side_px, s.request_timeout_s, s.allowed_hosts) == (768, 5.0, ["images.internal"])
+    assert s.allow_origins == ["http://a.example", "http://b.example"]
+    assert settings_from_args(parse("--max-side", "512")).max_side_px == 512  # the command line wins
+
+
+def test_unknown_sdturbo_variables_are_warned_about(monkeypatch, capsys):
+    monkeypatch.setenv("SDTURBO_MAXSIDE", "768")
+    monkeypatch.setenv("SDTURBO_PORT", "9000")
+    assert serve_main(parse("--port", "70000")) == 2
+    err = capsys.readouterr().err
+    assert "warning: SDTURBO_MAXSIDE is not a setting of sdturbo serve" in err and "SDTURBO_PORT" not in err
+
+
+def test_the_help_lists_the_environment_variables():
+    help_text = add_serve_arguments(argparse.ArgumentParser()).format_help()
+    assert "SDTURBO_MAX_SIDE=768" in help_text and "SDTURBO_DEFAULT_SIDE_PX" in help_text
 
 
 def free_port() -> int:
@@ -68,6 +110,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def test_a_busy_port_or_an_unknown_host_exits_2_before_loading_a_model(capsys):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        # No such model: reaching the loading step would fail differently.
+        assert serve_main(parse("--model", "/nonexistent", "--port", str(port))) == 2
+    assert capsys.readouterr().err == (
+        f"error: --port {port}: already in use on 127.0.0.1; stop the program using it or choose another port\n"
+    )
+    assert serve_main(parse("--model", "/nonexistent", "--host", "999.1.1.1")) == 2
+    assert capsys.readouterr().err.startswith("error: --host 999.1.1.1: unknown host")
 
 
 @pytest.mark.slow
@@ -111,4 +165,4 @@ def test_requests_without_a_size_get_the_model_s_own_unless_the_operator_chose(m
 def test_a_chosen_default_size_must_fit_under_max_side(monkeypatch, capsys):
     monkeypatch.setenv("SDTURBO_DEFAULT_SIDE_PX", "512")
     assert serve_main(parse("--max-side", "256")) == 2
-    assert "max_side_px 256 is below default_side_px 512" in capsys.readouterr().err
+    assert "error: --max-side 256 is below SDTURBO_DEFAULT_SIDE_PX 512" in capsys.readouterr().err

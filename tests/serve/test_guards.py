@@ -51,6 +51,20 @@ def test_the_right_key_opens_every_endpoint(keyed_server, method, path, kw):
     assert r.status_code == 200, r.text
 
 
+@pytest.mark.parametrize(
+    "path, kw",
+    [
+        ("/v1/images/generations", {"content": b"{not json", "headers": {"content-type": "application/json"}}),
+        ("/v1/images/generations", {"content": b'{"prompt": "\xff"}', "headers": {"content-type": "application/json"}}),
+        ("/v1/images/generations", {"data": {"prompt": "x"}}),
+        ("/sdapi/v1/txt2img", {"content": b"[", "headers": {"content-type": "application/json"}}),
+        ("/v1/images/edits", {"content": b"garbage", "headers": {"content-type": "multipart/form-data"}}),
+    ],
+)
+def test_the_key_is_checked_before_the_body_is_parsed(keyed_server, path, kw):
+    assert_error(httpx.post(keyed_server.url + path, **kw), 401, "Authorization")
+
+
 def test_healthz_and_the_static_page_need_no_key(keyed_server):
     for path in ("/healthz", "/", "/static/app.js"):
         assert httpx.get(keyed_server.url + path).status_code == 200
@@ -65,15 +79,28 @@ def test_websocket_key_by_header_or_first_message(keyed_server):
         assert json.loads(ws.recv(timeout=10)) == {"type": "auth", "ok": True}
         ws.send(json.dumps({"type": "generate", "id": 1, "prompt": "x", "width": 64, "height": 64}))
         assert json.loads(ws.recv(timeout=10))["type"] == "image"
-    with ws_client.connect(keyed_server.ws_url) as ws:
-        ws.recv(timeout=10)
-        ws.send(json.dumps({"type": "generate", "prompt": "x"}))  # not an auth message: refused and closed
-        assert json.loads(ws.recv(timeout=10))["error"]["code"] == 401
-        with pytest.raises(ConnectionClosed):
+    for first in ({"type": "generate", "prompt": "x"}, {"type": "auth", "api_key": "wrong-key-123"}):
+        with ws_client.connect(keyed_server.ws_url) as ws:  # refused and closed: no guessing keys on one connection
             ws.recv(timeout=10)
+            ws.send(json.dumps(first))
+            assert json.loads(ws.recv(timeout=10))["error"]["code"] == 401
+            with pytest.raises(ConnectionClosed):
+                ws.recv(timeout=10)
     with pytest.raises(InvalidStatus) as err:
         ws_client.connect(keyed_server.ws_url, additional_headers={"Authorization": "Bearer wrong-key-123"})
     assert err.value.response.status_code == 403
+
+
+def test_websocket_auth_again_after_success(keyed_server):
+    """The right key is acknowledged again; a wrong one closes the connection, as it does first."""
+    with ws_client.connect(keyed_server.ws_url, additional_headers={"Authorization": f"Bearer {KEY}"}) as ws:
+        ws.recv(timeout=10)
+        ws.send(json.dumps({"type": "auth", "api_key": KEY}))
+        assert json.loads(ws.recv(timeout=10)) == {"type": "auth", "ok": True}
+        ws.send(json.dumps({"type": "auth", "api_key": "wrong-key-123"}))
+        assert json.loads(ws.recv(timeout=10))["error"]["code"] == 401
+        with pytest.raises(ConnectionClosed):
+            ws.recv(timeout=10)
 
 
 def test_foreign_host_names_are_refused_on_loopback(server):

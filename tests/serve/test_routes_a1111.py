@@ -56,3 +56,21 @@ def test_txt2img_seed_minus_one_is_random_and_cfg_uses_negative(server):
 )
 def test_txt2img_bad_fields_are_422_naming_the_field(server, body, param):
     assert_error(httpx.post(server.url + TXT2IMG, json={"prompt": "x", **body}), 422, param)
+
+
+def test_every_unknown_field_is_named(server):
+    r = httpx.post(server.url + TXT2IMG, json={"prompt": "x", "sampler_name": "Euler a", "n_iter": 2})
+    assert assert_error(r, 422, "sampler_name")["message"] == "sampler_name: unknown field; n_iter: unknown field"
+
+
+def test_sides_over_the_limit_state_this_server_s_limit(server):
+    r = httpx.post(server.url + TXT2IMG, json={"prompt": "x", "width": 4096})
+    assert assert_error(r, 422, "width")["message"] == (
+        "width: sides must be multiples of 8 from 64 to 1024 px on this server, got 4096"
+    )
+
+
+def test_batch_seeds_wrap_so_each_can_be_asked_for_again(server):
+    body = {"prompt": "x", "seed": 2**32 - 1, "batch_size": 2, "width": 64, "height": 64}
+    info = json.loads(httpx.post(server.url + TXT2IMG, json=body).json()["info"])
+    assert info["all_seeds"] == [2**32 - 1, 0]

@@ -94,17 +94,48 @@ def test_max_batch_also_bounds_n(start_server):
     assert post(small, GENERATIONS, json={"prompt": "x", "n": 2, "size": "64x64"}).status_code == 200
 
 
-@pytest.mark.parametrize("content", [b"{bad json", b'{"prompt": "x",}', b"\xff\xfe", b""])
-def test_generations_malformed_json_is_400(server, content):
+@pytest.mark.parametrize(
+    "content, reason",
+    [
+        (b"{bad json", "Expecting property name"),
+        (b'{"prompt": "x",}', "Expecting property name"),
+        (b'{"prompt": "\xff"}', "it is not UTF-8 text"),
+        (b"[" * 100_000 + b"]" * 100_000, "it is nested too deeply"),
+    ],
+)
+def test_generations_malformed_json_is_400_saying_why(server, content, reason):
     r = post(server, GENERATIONS, content=content, headers={"content-type": "application/json"})
-    assert r.status_code in (400, 422), r.text
-    assert r.json()["error"]["param"] == "body"
+    assert assert_error(r, 400, "body")["message"].startswith("request body is not valid JSON: " + reason)
 
 
-@pytest.mark.parametrize("content", [b"[1, 2]", b'"prompt"', b"null"])
-def test_generations_non_object_body_is_422(server, content):
-    r = post(server, GENERATIONS, content=content, headers={"content-type": "application/json"})
-    assert_error(r, 422, "body")
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"content": b"[1, 2]", "headers": {"content-type": "application/json"}},
+        {"content": b"null", "headers": {"content-type": "application/json"}},
+        {"content": b"", "headers": {"content-type": "application/json"}},
+        {"data": {"prompt": "x"}},  # curl -d prompt=x
+        {"content": b'{"prompt": "x"}', "headers": {"content-type": "application/x-www-form-urlencoded"}},  # curl -d
+    ],
+)
+def test_generations_body_that_is_not_a_json_object_is_400(server, kw):
+    message = assert_error(post(server, GENERATIONS, **kw), 400, "body")["message"]
+    assert message.startswith("request body must be a JSON object") and "Content-Type: application/json" in message
+
+
+def test_size_errors_state_this_server_s_limits(start_server):
+    s = start_server(max_side_px=512)
+    for size in ("7x7", "4096x64", "520x512", "100x64"):
+        r = post(s, GENERATIONS, json={"prompt": "x", "size": size})
+        assert "multiples of 8 from 64 to 512 px on this server" in assert_error(r, 422, "size")["message"]
+
+
+def test_every_returned_seed_can_be_asked_for_again(server):
+    r = post(server, GENERATIONS, json={"prompt": "x", "size": "64x64", "seed": 2**32 - 1, "n": 2})
+    data = r.json()["data"]
+    assert [d["seed"] for d in data] == [2**32 - 1, 0]  # image i gets seed + i, wrapping past 2**32 - 1
+    again = post(server, GENERATIONS, json={"prompt": "x", "size": "64x64", "seed": data[1]["seed"]}).json()["data"]
+    assert again[0]["b64_json"] == data[1]["b64_json"]
 
 
 def test_generations_wrong_content_type_is_refused(server):
@@ -184,7 +215,9 @@ def test_edits_bad_input_is_4xx_naming_the_field(server, files, fields, status, 
 
 
 def test_edits_image_as_a_text_field_is_422(server):
-    assert_error(post(server, EDITS, data={"prompt": "x", "image": "not a file"}), 422, "image")
+    error = assert_error(post(server, EDITS, data={"prompt": "x", "image": "not a file"}), 422, "image")
+    assert error["message"].startswith("image: must be an uploaded file (multipart")
+    assert "got a text field" in error["message"]
 
 
 @pytest.mark.parametrize(

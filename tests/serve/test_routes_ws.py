@@ -142,7 +142,7 @@ def test_closing_the_socket_cancels_its_queued_work(start_server):
     [
         ("{not json", 400, "body"),
         (b"\x00\x01", 400, "body"),
-        ("[1, 2]", 422, "body"),
+        ("[1, 2]", 400, "body"),
         (json.dumps({"type": "teleport"}), 422, "type"),
         (json.dumps(generate(id=5, steps=0)), 422, "steps"),
         (json.dumps(generate(id=5, steps=8)), 422, "steps"),
@@ -152,6 +152,8 @@ def test_closing_the_socket_cancels_its_queued_work(start_server):
         (json.dumps(generate(id=5, seed="1")), 422, "seed"),
         (json.dumps(generate(id=5, strength=0)), 422, "strength"),
         (json.dumps(generate(id=5, format="gif")), 422, "format"),
+        (json.dumps(generate(id={"a": 1})), 422, "id"),
+        (json.dumps({"type": "download", "id": [1]}), 422, "id"),
         (json.dumps(generate(id=5, colour="red")), 422, "colour"),
         (json.dumps(generate(id=5, image="%%% not base64")), 422, "image"),
         (json.dumps(generate(id=5, image=base64.b64encode(b"plain text").decode())), 415, "image"),
@@ -166,6 +168,28 @@ def test_bad_messages_get_an_error_and_the_connection_stays_usable(server, frame
         if '"id": 5' in str(frame):
             assert meta["id"] == 5
         send(ws, **generate(id=6))
+        assert receive(ws)[0]["type"] == "image"
+
+
+@pytest.mark.parametrize(
+    "message, text",
+    [
+        (generate(id={"a": 1}), "id: must be an integer or a string"),
+        (generate(id=5, width=4096), "width: sides must be multiples of 8 from 64 to 1024 px on this server, got 4096"),
+        ({"type": "teleport"}, "type: must be 'generate', 'download' or 'auth'"),
+    ],
+)
+def test_error_messages_name_the_problem(server, message, text):
+    with connect(server) as ws:
+        send(ws, **message)
+        assert receive(ws)[0]["error"]["message"] == text
+
+
+def test_auth_on_a_server_without_a_key_is_acknowledged(server):
+    with connect(server) as ws:
+        send(ws, type="auth", api_key="anything")
+        assert receive(ws)[0] == {"type": "auth", "ok": True}
+        send(ws, **generate(id=1))
         assert receive(ws)[0]["type"] == "image"
 
 

@@ -6,10 +6,13 @@ the command runs."""
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
+import os
+import socket
 import sys
 
-# flag -> ServeSettings field; a flag left out falls back to SDTURBO_<FIELD> in the environment, then the default.
+# flag -> ServeSettings field; a flag left out falls back to SDTURBO_<FLAG> in the environment, then the default.
 _FLAGS = {
     "model": "model",
     "device": "device",
@@ -30,7 +33,15 @@ _FLAGS = {
 }
 
 
+ENVIRONMENT = """Every flag can also be set in the environment as SDTURBO_ and the flag's name (SDTURBO_PORT=9000,
+SDTURBO_MAX_SIDE=768, SDTURBO_ALLOW_ORIGIN="https://a.example https://b.example", SDTURBO_FAST=false); the
+command line wins. Settings without a flag: SDTURBO_DEFAULT_SIDE_PX (the size of requests that name none;
+default: the model's own), SDTURBO_MAX_IMAGES_PER_REQUEST (4), SDTURBO_MAX_UPLOAD_BYTES (8 MiB),
+SDTURBO_MAX_UPLOAD_PIXELS (16 megapixels)."""
+
+
 def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.epilog = ENVIRONMENT
     parser.add_argument(
         "--model", help="hub id, diffusers folder or .safetensors file (default: stabilityai/sdxl-turbo)"
     )
@@ -51,7 +62,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--port", type=int, help="TCP port (default: 8000)")
     parser.add_argument(
         "--api-key",
-        help="require 'Authorization: Bearer KEY' on every endpoint but /healthz; "
+        help="require 'Authorization: Bearer KEY' on every endpoint but /healthz; at least 8 characters; "
         "prefer the SDTURBO_API_KEY environment variable, which `ps` does not show",
     )
     parser.add_argument("--max-batch", type=int, help="most images in one pipeline call (default: 8)")
@@ -69,10 +80,71 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
 
 
 def settings_from_args(args: argparse.Namespace):
+    """-> ServeSettings; a bad value raises ValueError naming its flag, or its environment variable."""
+    from pydantic import ValidationError
+
     from .settings import ServeSettings
 
     given = {field: getattr(args, flag) for flag, field in _FLAGS.items() if getattr(args, flag, None) is not None}
-    return ServeSettings(**given)
+    try:
+        return ServeSettings(**given)
+    except ValidationError as e:
+        raise ValueError(_setting_error(e.errors()[0], given)) from None
+
+
+def _setting_error(error: dict, given: dict) -> str:
+    """pydantic's error -> "--timeout: must be greater than 0", or "SDTURBO_TIMEOUT: ..." for the environment's."""
+    from .settings import ServeSettings, env_names
+
+    if error["type"] == "value_error":
+        reason = str(error["ctx"]["error"])
+    else:
+        reason = error["msg"].replace("Input should be", "must be")
+    if not error["loc"]:  # a check across settings names them itself
+        return reason
+    key = error["loc"][0]  # a field, or the environment variable pydantic tried first
+    field = next(f for f in ServeSettings.model_fields if key == f or key in env_names(f))
+    if field in given:
+        flag = next(flag for flag, f in _FLAGS.items() if f == field).replace("_", "-")
+        return f"--{flag}: {reason}"
+    names = env_names(field)
+    return f"{next((k for k in os.environ if k.upper() in names), names[0])}: {reason}"
+
+
+def warn_unknown_environment() -> None:
+    """A misspelt SDTURBO_ variable would otherwise be ignored without a word."""
+    from .settings import ServeSettings, env_names
+
+    known = {name for field in ServeSettings.model_fields for name in env_names(field)}
+    for name in sorted(os.environ):
+        if name.upper().startswith("SDTURBO_") and name.upper() not in known:
+            print(
+                f"warning: {name} is not a setting of sdturbo serve and is ignored; see sdturbo serve --help",
+                file=sys.stderr,
+            )
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """The server's socket, bound before the model loads, so that an unknown host or a busy port fails at once."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET  # as uvicorn would bind it
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, family, socket.SOCK_STREAM)[0]
+    except socket.gaierror as e:
+        raise ValueError(
+            f"--host {host}: unknown host ({e.strerror}); give an address of this machine, e.g. 127.0.0.1"
+        ) from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # restart at once over a closing connection
+    try:
+        sock.bind(address)
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise ValueError(
+                f"--port {port}: already in use on {host}; stop the program using it or choose another port"
+            ) from None
+        raise ValueError(f"--host {host} --port {port}: cannot listen there ({e.strerror})") from None
+    return sock
 
 
 def with_model_default_size(settings, native_side_px: int):
@@ -91,7 +163,6 @@ def with_model_default_size(settings, native_side_px: int):
 def serve_main(args: argparse.Namespace) -> int:
     """Load the model, then serve until interrupted. Returns the process exit code."""
     import uvicorn
-    from pydantic import ValidationError
 
     from ..pipeline import TurboPipeline
     from .app import create_app
@@ -99,11 +170,12 @@ def serve_main(args: argparse.Namespace) -> int:
     from .guards import is_loopback
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    warn_unknown_environment()
     try:
         settings = settings_from_args(args)
-    except ValidationError as e:
-        first = e.errors()[0]
-        print(f"sdturbo serve: {'.'.join(map(str, first['loc']))}: {first['msg']}", file=sys.stderr)
+        sock = listen(settings.host, settings.port)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     if not is_loopback(settings.host) and settings.api_key is None:
         print(
@@ -119,15 +191,14 @@ def serve_main(args: argparse.Namespace) -> int:
         optimize(pipeline, compile=settings.compile)
     settings = with_model_default_size(settings, pipeline.native_side_px)
     engine = Engine(pipeline, settings.max_batch, settings.max_queue, settings.request_timeout_s)
-    app = create_app(settings, engine)
-    host = f"[{settings.host}]" if ":" in settings.host else settings.host
-    print(f"sdturbo serve: open http://{host}:{settings.port}/", file=sys.stderr)
-    uvicorn.run(
-        app,
-        host=settings.host,
-        port=settings.port,
+    config = uvicorn.Config(
+        create_app(settings, engine),
         ws_max_size=settings.max_body_bytes,
         timeout_graceful_shutdown=5,  # open pages keep their WebSockets; Ctrl+C should not wait on them
         log_level="info",
     )
-    return 0
+    host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    print(f"sdturbo serve: open http://{host}:{sock.getsockname()[1]}/", file=sys.stderr)
+    server = uvicorn.Server(config)
+    server.run(sockets=[sock])
+    return 0 if server.started else 3  # 3: the app failed to start, uvicorn's code for it

@@ -6,8 +6,10 @@ import secrets
 from typing import Annotated
 
 from fastapi import Depends
+from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from starlette.requests import HTTPConnection
+from starlette.requests import HTTPConnection, Request
+from starlette.responses import Response
 
 from .engine import Engine
 from .errors import ApiError
@@ -45,10 +47,8 @@ def bearer_token(authorization: str | None) -> str | None:
     return token.strip() if scheme.lower() == "bearer" and token.strip() else None
 
 
-async def require_api_key(
-    settings: SettingsDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
-) -> None:
-    if not key_matches(settings, credentials.credentials if credentials else None):
+def check_key(settings: ServeSettings, presented: str | None) -> None:
+    if not key_matches(settings, presented):
         raise ApiError(
             401,
             "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
@@ -57,4 +57,24 @@ async def require_api_key(
         )
 
 
+async def require_api_key(
+    settings: SettingsDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+) -> None:
+    check_key(settings, credentials.credentials if credentials else None)
+
+
 ApiKey = Depends(require_api_key)
+
+
+class KeyFirstRoute(APIRoute):
+    """FastAPI parses a request's body before it runs the route's dependencies, ApiKey included: routes that take a
+    body check the key first, so a request without it gets 401 and nothing about its body."""
+
+    def get_route_handler(self):
+        handle = super().get_route_handler()
+
+        async def handler(request: Request) -> Response:
+            check_key(request.app.state.settings, bearer_token(request.headers.get("authorization")))
+            return await handle(request)
+
+        return handler

@@ -2,7 +2,8 @@
 
 Requests that agree on everything the pipeline takes as a scalar (size, steps, guidance, strength) run as one call
 with concatenated prompt and per-image seed lists, so each image depends only on its own prompt, seed and settings:
-a request gets the same images alone or batched. The pipeline is any callable with TurboPipeline's signature."""
+a request gets the same images alone or batched, up to rounding (kernels round differently per batch size, visibly in
+a few pixels in bf16). The pipeline is any callable with TurboPipeline's signature."""
 
 from __future__ import annotations
 

@@ -44,19 +44,42 @@ def field_name(loc: tuple) -> str:
     return ".".join(parts) or "body"
 
 
+_NOT_AN_OBJECT = (
+    'request body must be a JSON object such as {"prompt": "a fox"}, sent with Content-Type: application/json'
+)
+_NAMED = 3  # errors one message names; more are only counted
+
+
 def validation_error(errors: list[dict]) -> ApiError:
-    """pydantic's error list -> one line about the first error (and how many more there are)."""
+    """pydantic's error list -> one line naming the first few errors; `param` is the first one's field."""
     first = errors[0]
-    more = f" (and {len(errors) - 1} more errors)" if len(errors) > 1 else ""
     if first["type"] == "json_invalid":
         reason = first.get("ctx", {}).get("error", "invalid JSON")
-        return ApiError(400, f"malformed JSON body: {reason}", "body")
-    name = field_name(tuple(first["loc"]))
-    if first["type"] == "missing":
-        return ApiError(422, f"{name}: field required{more}", name)
-    if first["type"] == "extra_forbidden":
-        return ApiError(422, f"{name}: unknown field{more}", name)
-    return ApiError(422, f"{name}: {first['msg']}{more}", name)
+        return ApiError(400, f"request body is not valid JSON: {reason}", "body")
+    if tuple(first["loc"]) == ("body",):  # empty, a form, or JSON but not an object
+        return ApiError(400, _NOT_AN_OBJECT, "body")
+    more = f"; and {len(errors) - _NAMED} more errors" if len(errors) > _NAMED else ""
+    return ApiError(422, "; ".join(map(_describe, errors[:_NAMED])) + more, field_name(tuple(first["loc"])))
+
+
+def _describe(error: dict) -> str:
+    name = field_name(tuple(error["loc"]))
+    if error["type"] == "missing":
+        return f"{name}: field required"
+    if error["type"] == "extra_forbidden":
+        return f"{name}: unknown field"
+    if error["type"] == "value_error":  # our own validators' messages, without pydantic's "Value error, "
+        return f"{name}: {error.get('ctx', {}).get('error', error['msg'])}"
+    return f"{name}: {error['msg']}"
+
+
+def _unparsable_body(cause: BaseException | None) -> str | None:
+    """What FastAPI's bare "There was an error parsing the body" was about, from the exception it wraps."""
+    if isinstance(cause, UnicodeDecodeError):
+        return "request body is not valid JSON: it is not UTF-8 text"
+    if isinstance(cause, RecursionError):
+        return "request body is not valid JSON: it is nested too deeply"
+    return None
 
 
 def engine_error(exc: Exception) -> ApiError:
@@ -82,7 +105,8 @@ def install_error_handlers(app: FastAPI) -> None:
     async def on_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         # FastAPI raises 400 "There was an error parsing the body" for malformed multipart and unreadable bodies.
         param = "body" if exc.status_code == 400 else None
-        return error_response(ApiError(exc.status_code, str(exc.detail), param, getattr(exc, "headers", None)))
+        message = _unparsable_body(exc.__cause__) or str(exc.detail)
+        return error_response(ApiError(exc.status_code, message, param, getattr(exc, "headers", None)))
 
     async def on_engine(request: Request, exc: Exception) -> JSONResponse:
         return error_response(engine_error(exc))

@@ -5,16 +5,19 @@ from __future__ import annotations
 import secrets
 
 from .errors import ApiError
-from .schemas import MAX_SEED
+from .schemas import MAX_SEED, MIN_SIDE_PX, SIDE_MULTIPLE
 from .settings import ServeSettings
 
 
 def check_side(settings: ServeSettings, side_px: int | None, field: str) -> int:
     """-> the side in pixels, the server's default when the request names none."""
     side_px = settings.default_side_px if side_px is None else side_px
-    if side_px > settings.max_side_px:
+    if not MIN_SIDE_PX <= side_px <= settings.max_side_px or side_px % SIDE_MULTIPLE:
         raise ApiError(
-            422, f"{field}: {side_px} px exceeds this server's limit of {settings.max_side_px} px a side", field
+            422,
+            f"{field}: sides must be multiples of {SIDE_MULTIPLE} from {MIN_SIDE_PX} to {settings.max_side_px} px on "
+            f"this server, got {side_px}",
+            field,
         )
     return side_px
 
@@ -34,6 +37,7 @@ def check_count(settings: ServeSettings, n: int, field: str) -> int:
 
 
 def image_seeds(seed: int | None, n: int) -> tuple[int, ...]:
-    """Image i gets seed + i (A1111's and diffusers' convention); no seed means a random one."""
+    """Image i gets seed + i (A1111's and diffusers' convention), wrapping past MAX_SEED to 0 so that every seed
+    returned can be asked for again; no seed means a random one."""
     base = secrets.randbelow(MAX_SEED + 1) if seed is None else seed
-    return tuple(base + i for i in range(n))
+    return tuple((base + i) % (MAX_SEED + 1) for i in range(n))

@@ -1,8 +1,9 @@
 """Request and response models: OpenAI images, A1111 txt2img, WebSocket messages.
 
 The bounds here are the outer envelope the OpenAPI document promises; the server's own, possibly tighter, limits
-(ServeSettings) are checked in limits.py. JSON bodies are strict (no "5" for 5, no true for 1) and refuse unknown
-fields, so a typo is an error that names the field instead of a silently ignored setting."""
+(ServeSettings) are checked in limits.py, which alone checks image sides, so that its message states this server's
+limits. JSON bodies are strict (no "5" for 5, no true for 1) and refuse unknown fields, so a typo is an error that
+names the field instead of a silently ignored setting."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import re
 from typing import Annotated, Literal
 
 from fastapi import UploadFile
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
 MIN_SIDE_PX, MAX_SIDE_PX, SIDE_MULTIPLE = 64, 2048, 8
 MAX_STEPS = 50
@@ -21,7 +22,10 @@ _SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
 
 Prompt = Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS)]
 NegativePrompt = Annotated[str | None, Field(max_length=MAX_PROMPT_CHARS)]
-Side = Annotated[int | None, Field(ge=MIN_SIDE_PX, le=MAX_SIDE_PX, multiple_of=SIDE_MULTIPLE)]
+Side = Annotated[
+    int | None,
+    Field(json_schema_extra={"minimum": MIN_SIDE_PX, "maximum": MAX_SIDE_PX, "multipleOf": SIDE_MULTIPLE}),
+]
 Seed = Annotated[int | None, Field(ge=0, le=MAX_SEED)]
 Steps = Annotated[int, Field(ge=1, le=MAX_STEPS)]
 Count = Annotated[int, Field(ge=1, le=MAX_IMAGES)]
@@ -31,17 +35,11 @@ ShortText = Annotated[str | None, Field(max_length=256)]
 
 
 def parse_size(size: str) -> tuple[int, int]:
-    """ "WxH" -> (width, height), each a multiple of 8 in [64, 2048]."""
+    """ "WxH" -> (width, height); limits.check_side checks the sides."""
     m = _SIZE.match(size)
     if not m:
         raise ValueError(f"must look like 512x512 (WIDTHxHEIGHT), got {size[:32]!r}")
-    width, height = int(m[1]), int(m[2])
-    for v in (width, height):
-        if not MIN_SIDE_PX <= v <= MAX_SIDE_PX or v % SIDE_MULTIPLE:
-            raise ValueError(
-                f"sides must be multiples of {SIDE_MULTIPLE} from {MIN_SIDE_PX} to {MAX_SIDE_PX}, got {size}"
-            )
-    return width, height
+    return int(m[1]), int(m[2])
 
 
 class _SizedRequest(BaseModel):
@@ -96,6 +94,13 @@ class ImageEditForm(_SizedRequest):
     model: ShortText = None
     user: ShortText = None
 
+    @field_validator("image", mode="before")
+    @classmethod
+    def _a_file(cls, v):
+        if isinstance(v, str):  # curl -F image=photo.png, where -F image=@photo.png was meant
+            raise ValueError("must be an uploaded file (multipart, e.g. curl -F image=@photo.png), got a text field")
+        return v
+
 
 class ImageData(BaseModel):
     b64_json: str = Field(description="PNG, base64; its 'parameters' text chunk holds the generation settings")
@@ -134,7 +139,16 @@ class Txt2ImgResponse(BaseModel):
 
 # -- WebSocket /ws --------------------------------------------------------------------------------------------
 
-MessageId = int | str | None
+def _message_id(value):
+    # Checked before the union is tried, so that a wrong id is one error, not one for each member of the union.
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, str))):
+        raise ValueError("must be an integer or a string")
+    if isinstance(value, str) and len(value) > 128:
+        raise ValueError("must be at most 128 characters")
+    return value
+
+
+MessageId = Annotated[int | str | None, BeforeValidator(_message_id)]
 
 
 class WsGenerate(BaseModel):
@@ -143,7 +157,7 @@ class WsGenerate(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     type: Literal["generate"] = "generate"
-    id: int | str | None = Field(None, description="echoed back with the result")
+    id: MessageId = Field(None, description="echoed back with the result")
     prompt: Prompt
     negative_prompt: NegativePrompt = None
     seed: Seed = None
@@ -156,13 +170,6 @@ class WsGenerate(BaseModel):
     format: Literal["jpeg", "png"] = "jpeg"
     preview: bool = Field(False, description="also send a JPEG preview at latent resolution after every step")
 
-    @field_validator("id")
-    @classmethod
-    def _short_id(cls, v: MessageId) -> MessageId:
-        if isinstance(v, str) and len(v) > 128:
-            raise ValueError("must be at most 128 characters")
-        return v
-
 
 class WsDownload(BaseModel):
     """{"type": "download", "id": ...}: the PNG (with parameters) of a recent result on this connection."""
@@ -170,7 +177,7 @@ class WsDownload(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     type: Literal["download"]
-    id: int | str
+    id: MessageId
 
 
 class WsAuth(BaseModel):

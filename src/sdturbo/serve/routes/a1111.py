@@ -7,14 +7,16 @@ import json
 
 from fastapi import APIRouter, Request, Response
 
-from ..deps import ApiKey, EngineDep, SettingsDep
+from ..deps import ApiKey, EngineDep, KeyFirstRoute, SettingsDep
 from ..engine import Job
 from ..generation import generate_for, server_timing
 from ..images import b64_png
 from ..limits import check_count, check_side, check_steps, image_seeds
 from ..schemas import ERROR_RESPONSES, Txt2ImgRequest, Txt2ImgResponse
 
-router = APIRouter(prefix="/sdapi/v1", tags=["a1111"], dependencies=[ApiKey], responses=ERROR_RESPONSES)
+router = APIRouter(
+    prefix="/sdapi/v1", tags=["a1111"], dependencies=[ApiKey], responses=ERROR_RESPONSES, route_class=KeyFirstRoute
+)
 
 
 @router.post("/txt2img", response_model=Txt2ImgResponse)

@@ -8,7 +8,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Form, Request, Response
 
-from ..deps import ApiKey, EngineDep, SettingsDep
+from ..deps import ApiKey, EngineDep, KeyFirstRoute, SettingsDep
 from ..engine import Generation, Job
 from ..generation import generate_for, server_timing
 from ..images import b64_png, decode_image, fit_image
@@ -21,7 +21,9 @@ from ..schemas import (
     ImagesResponse,
 )
 
-router = APIRouter(prefix="/v1/images", tags=["openai"], dependencies=[ApiKey], responses=ERROR_RESPONSES)
+router = APIRouter(
+    prefix="/v1/images", tags=["openai"], dependencies=[ApiKey], responses=ERROR_RESPONSES, route_class=KeyFirstRoute
+)
 
 
 @router.post("/generations", response_model=ImagesResponse)

@@ -90,19 +90,25 @@ class _Session:
     # -- receiving ----------------------------------------------------------------------------------------------
 
     async def _authenticate(self) -> bool:
+        """On a server with a key, a connection that did not send it in the handshake must send it first."""
         try:
-            data = await asyncio.wait_for(self._receive_object(), AUTH_TIMEOUT_S)
-            WsAuth.model_validate(data)
+            message = WsAuth.model_validate(await asyncio.wait_for(self._receive_object(), AUTH_TIMEOUT_S))
         except (asyncio.TimeoutError, ApiError, ValidationError):
-            data = None
-        if data is None or not key_matches(self.settings, data["api_key"]):
-            reason = "wrong API key" if data else 'send {"type": "auth", "api_key": ...} first'
-            await self.send_error(None, ApiError(401, reason, "api_key"))
-            await self.ws.close(POLICY_VIOLATION, "authentication failed")
-            return False
+            return await self._refuse('send {"type": "auth", "api_key": ...} first')
+        return await self._check_key(message)
+
+    async def _check_key(self, message: WsAuth) -> bool:
+        """The right key (any key on a server without one) is acknowledged; a wrong one closes the connection."""
+        if not key_matches(self.settings, message.api_key):
+            return await self._refuse("wrong API key")
         self.authed = True
         await self.send_json({"type": "auth", "ok": True})
         return True
+
+    async def _refuse(self, reason: str) -> bool:
+        await self.send_error(None, ApiError(401, reason, "api_key"))
+        await self.ws.close(POLICY_VIOLATION, "authentication failed")
+        return False
 
     async def _receive_object(self) -> dict:
         message = await self.ws.receive()
@@ -115,7 +121,7 @@ class _Session:
         except ValueError as e:
             raise ApiError(400, f"malformed JSON: {e}", "body") from None
         if not isinstance(data, dict):
-            raise ApiError(422, "a message must be a JSON object", "body")
+            raise ApiError(400, "a message must be a JSON object", "body")
         return data
 
     async def _read_loop(self) -> None:
@@ -129,8 +135,11 @@ class _Session:
                     await self._replace_pending(await self._parse_generate(data, received_at))
                 elif kind == "download":
                     await self._send_download(_validated(WsDownload, data).id)
+                elif kind == "auth":
+                    if not await self._check_key(_validated(WsAuth, data)):
+                        return
                 else:
-                    raise ApiError(422, "type: must be 'generate' or 'download'", "type")
+                    raise ApiError(422, "type: must be 'generate', 'download' or 'auth'", "type")
             except ApiError as e:
                 self.engine.metrics.count_request("/ws", e.status_code)
                 message_id = data.get("id") if isinstance(data, dict) else None
