@@ -3,6 +3,7 @@ cross-site Origin, CORS only when asked for, bounded request bodies."""
 
 from __future__ import annotations
 
+import base64
 import json
 
 import httpx
@@ -27,6 +28,11 @@ PROTECTED = [
         {"files": {"image": ("a.png", PNG, "image/png")}, "data": {"prompt": "x", "size": "64x64"}},
     ),
     ("POST", "/sdapi/v1/txt2img", {"json": {"prompt": "x", "width": 64, "height": 64}}),
+    ("POST", "/sdapi/v1/img2img", {"json": {"init_images": [base64.b64encode(PNG).decode()], "prompt": "x"}}),
+    ("GET", "/sdapi/v1/sd-models", {}),
+    ("GET", "/sdapi/v1/samplers", {}),
+    ("GET", "/sdapi/v1/options", {}),
+    ("POST", "/sdapi/v1/options", {"json": {"sd_model_checkpoint": "fake"}}),
 ]
 
 

@@ -29,9 +29,17 @@ def test_metrics_count_requests_images_queue_and_batches(server):
 
 def test_openapi_lists_every_endpoint(server):
     spec = httpx.get(server.url + "/openapi.json").json()
-    assert {"/v1/images/generations", "/v1/images/edits", "/sdapi/v1/txt2img", "/healthz", "/metrics"} <= set(
-        spec["paths"]
-    )
+    assert {
+        "/v1/images/generations",
+        "/v1/images/edits",
+        "/sdapi/v1/txt2img",
+        "/sdapi/v1/img2img",
+        "/sdapi/v1/sd-models",
+        "/sdapi/v1/samplers",
+        "/sdapi/v1/options",
+        "/healthz",
+        "/metrics",
+    } <= set(spec["paths"])
     assert spec["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
 
 

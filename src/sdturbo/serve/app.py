@@ -47,7 +47,7 @@ def create_app(settings: ServeSettings, engine: Engine) -> FastAPI:
 
     app = FastAPI(
         title="sdturbo",
-        summary="SDXL-Turbo image generation: OpenAI images API, A1111 txt2img, and a live WebSocket.",
+        summary="SDXL-Turbo image generation: OpenAI images API, an A1111 API subset, and a live WebSocket.",
         # Swagger UI and ReDoc load their assets from a CDN: off. The schema itself is served below, behind the key.
         docs_url=None,
         redoc_url=None,

@@ -22,6 +22,28 @@ def check_side(settings: ServeSettings, side_px: int | None, field: str) -> int:
     return side_px
 
 
+def source_sides(
+    settings: ServeSettings, source_size: tuple[int, int], width: int | None, height: int | None
+) -> tuple[int, int]:
+    """img2img's sides. A side the request leaves out follows the source image: the source's aspect applied to the
+    side it names, or with neither named the source's size scaled down to fit this server's limit; rounded to a
+    multiple of 8 within the limits, so that fit_image crops only what the rounding leaves over."""
+    width = None if width is None else check_side(settings, width, "width")
+    height = None if height is None else check_side(settings, height, "height")
+    source_w, source_h = source_size
+    if width is not None:
+        scale = width / source_w
+    elif height is not None:
+        scale = height / source_h
+    else:
+        scale = min(1.0, settings.max_side_px / max(source_size))
+
+    def fitted(px: float) -> int:
+        return min(max(round(px / SIDE_MULTIPLE) * SIDE_MULTIPLE, MIN_SIDE_PX), settings.max_side_px)
+
+    return width or fitted(source_w * scale), height or fitted(source_h * scale)
+
+
 def check_steps(settings: ServeSettings, steps: int, field: str) -> int:
     if steps > settings.max_steps:
         raise ApiError(422, f"{field}: {steps} exceeds this server's limit of {settings.max_steps} steps", field)

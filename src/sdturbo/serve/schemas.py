@@ -1,4 +1,4 @@
-"""Request and response models: OpenAI images, A1111 txt2img, WebSocket messages.
+"""Request and response models: OpenAI images, the A1111 subset, WebSocket messages.
 
 The bounds here are the outer envelope the OpenAPI document promises; the server's own, possibly tighter, limits
 (ServeSettings) are checked in limits.py, which alone checks image sides, so that its message states this server's
@@ -16,6 +16,8 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_valida
 MIN_SIDE_PX, MAX_SIDE_PX, SIDE_MULTIPLE = 64, 2048, 8
 MAX_STEPS = 50
 MAX_IMAGES = 16
+SAMPLER = "Euler a"  # A1111's name for the Euler ancestral sampler, the only one SDXL-Turbo uses
+SAMPLER_ALIASES = ("euler a", "k_euler_a", "euler_a")
 MAX_SEED = 2**32 - 1
 MAX_PROMPT_CHARS = 4000
 _SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
@@ -129,12 +131,67 @@ class Txt2ImgRequest(BaseModel):
     width: Side = None
     height: Side = None
     batch_size: Count = 1
+    n_iter: Count = Field(1, description="batches: batch_size * n_iter images, all in one pipeline call here")
+    sampler_name: str | None = Field(None, description=f"only {SAMPLER!r}, SDXL-Turbo's sampler, which is the default")
+
+    @field_validator("sampler_name")
+    @classmethod
+    def _our_sampler(cls, v: str | None) -> str | None:
+        # A1111 clients name the sampler in every request; accepting ours keeps them working, refusing others
+        # keeps a request for another sampler from being answered with a different one's image.
+        if v is not None and v.strip().lower() not in SAMPLER_ALIASES:
+            raise ValueError(f"sdturbo has only {SAMPLER!r} (SDXL-Turbo's sampler), got {v[:64]!r}")
+        return v
+
+
+class Img2ImgRequest(Txt2ImgRequest):
+    """POST /sdapi/v1/img2img: txt2img's fields plus the source image. A side left out follows the source image."""
+
+    # exclude: not echoed back in the response's `parameters`, where it would be megabytes of base64.
+    init_images: list[str] = Field(
+        exclude=True,
+        description="exactly one PNG, JPEG or WEBP, base64 (a data: URL is fine)",
+        json_schema_extra={"minItems": 1, "maxItems": 1},
+    )
+    denoising_strength: Strength = 0.75
+
+    @field_validator("init_images")
+    @classmethod
+    def _one_image(cls, v: list[str]) -> list[str]:
+        if len(v) != 1:
+            raise ValueError(f"must hold exactly one image, got {len(v)}")
+        return v
 
 
 class Txt2ImgResponse(BaseModel):
     images: list[str] = Field(description="PNGs, base64")
     parameters: dict = Field(description="the request as the server applied it")
     info: str = Field(description="JSON text: seeds, prompts and A1111 infotexts per image")
+
+
+class SdModel(BaseModel):
+    """GET /sdapi/v1/sd-models: the one model `sdturbo serve --model` loaded."""
+
+    title: str
+    model_name: str
+    hash: None = None
+    sha256: None = None
+    filename: str
+    config: None = None
+
+
+class Sampler(BaseModel):
+    name: str
+    aliases: list[str]
+    options: dict
+
+
+class Options(BaseModel):
+    """GET and POST /sdapi/v1/options. POST accepts only the loaded model: the operator chooses it, not a request."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    sd_model_checkpoint: str = Field(max_length=1024)
 
 
 # -- WebSocket /ws --------------------------------------------------------------------------------------------
