@@ -8,6 +8,7 @@ import os
 import struct
 import zlib
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -66,6 +67,8 @@ def test_seed_limit_allows_the_last_seed(no_load, tmp_path):
     ((3000, 2100), [], "--image is 3000x2100; the largest side is 2048: pass --size WxH to resize it"),
     ((4, 64), [], "--image is 4x64; the smallest side is 8: pass --size WxH to resize it"),
     ((64, 64), ["--strength", "3"], "--strength must be in (0, 1], got 3.0"),
+    ((64, 64), ["--strength", "0.01"], "--strength 0.01 needs --steps 100 or more to run one step; the most is 50: use "
+                                       "--strength 0.02 or more"),
 ])
 def test_bad_input_images_fail_before_loading(no_load, tmp_path, capsys, size, args, message):
     src = tmp_path / "in.png"
@@ -91,6 +94,24 @@ def test_input_image_sizes_that_load(no_load, tmp_path, size, args):
     Image.new("RGB", size).save(src)
     with pytest.raises(AssertionError, match="loaded"):
         main(["generate", "a fox", "-o", str(tmp_path / "o.png"), "--image", str(src), *args])
+
+
+def test_16_bit_input_image_is_scaled_to_8_bits(tmp_path):
+    """convert("RGB") alone clips 16-bit values (0..65535) to 255: a mid-grey PNG would become white."""
+    src = tmp_path / "grey16.png"
+    Image.fromarray(np.full((8, 8), 32896, np.uint16)).save(src)
+    image = cli.load_input_image(str(src), None)
+    assert image.mode == "RGB" and np.asarray(image).tolist() == np.full((8, 8, 3), 128).tolist()
+
+
+def test_img2img_step_raise_is_worded_in_cli_terms(tmp_path, capsys):
+    src, out = tmp_path / "in.png", tmp_path / "out.png"
+    Image.new("RGB", (64, 64), "red").save(src)
+    assert main(["generate", "a fox", "--model", "mini", "--device", "cpu", "--seed", "1", "--image", str(src),
+                 "-o", str(out)]) == 0
+    warning_lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning")]
+    assert warning_lines == ["warning: --steps 1 x --strength 0.5 runs no step; using --steps 2"]
+    assert "Steps: 2," in output.read_parameters(out)
 
 
 def _png_header(width: int, height: int) -> bytes:

@@ -94,10 +94,19 @@ def check_generate_arguments(args: argparse.Namespace) -> None:
             raise UserError("--strength applies to image-to-image: pass --image too, or drop --strength")
         if not 0 < args.strength <= 1:
             raise UserError(f"--strength must be in (0, 1], got {args.strength}")
+    strength = DEFAULT_STRENGTH if args.strength is None else args.strength
+    if args.image is not None and (steps := _img2img_steps(args.steps, strength)) > MAX_STEPS:
+        raise UserError(f"--strength {strength} needs --steps {steps} or more to run one step; the most is {MAX_STEPS}: "
+                        f"use --strength {1 / MAX_STEPS:g} or more")
     if not (math.isfinite(args.guidance_scale) and args.guidance_scale >= 0):
         raise UserError(f"--guidance-scale must be 0 or more, got {args.guidance_scale}")
     if args.seed is not None:
         _check_seed(args.seed, args.n, args.steps, args.schedule)
+
+
+def _img2img_steps(steps: int, strength: float) -> int:
+    """The pipeline's rule: img2img runs int(steps * strength) steps, and raises steps where that is 0."""
+    return steps if steps * strength >= 1 else math.ceil(1 / strength)
 
 
 def _nearest_side(v: int) -> int:
@@ -131,6 +140,8 @@ def load_input_image(path: str, size: tuple[int, int] | None):
     the header, before decoding: a huge image fails at once instead of after a load and gigabytes of memory."""
     from PIL import Image, UnidentifiedImageError
 
+    from .pipeline import rgb_image
+
     try:
         with warnings.catch_warnings():  # the user's own file: the size check is the guard, not PIL's bomb warning
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -139,7 +150,7 @@ def load_input_image(path: str, size: tuple[int, int] | None):
             if size is None:
                 _check_image_size(*im.size)
             im.load()
-            return im.convert("RGB")
+            return rgb_image(im)  # not convert("RGB"), which clips 16-bit images to white
     except FileNotFoundError:
         raise UserError(f"input image {path} does not exist") from None
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
@@ -171,6 +182,10 @@ def run_generate(args: argparse.Namespace) -> None:
     if args.seed is None:
         print(f"seed: {seed}")
     width, height = args.size if args.size else (None, None)
+    strength = DEFAULT_STRENGTH if args.strength is None else args.strength
+    steps = _img2img_steps(args.steps, strength) if image is not None else args.steps
+    if steps != args.steps:  # the pipeline would warn too, in its own argument names
+        warnings.warn(f"--steps {args.steps} x --strength {strength} runs no step; using --steps {steps}")
 
     t0 = time.perf_counter()
     print(f"loading {args.model} ...", file=sys.stderr)
@@ -187,14 +202,14 @@ def run_generate(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     out = pipe(
         args.prompt,
-        num_inference_steps=args.steps,
+        num_inference_steps=steps,
         guidance_scale=args.guidance_scale,
         height=height,
         width=width,
         num_images_per_prompt=args.n,
         negative_prompt=args.negative_prompt,
         image=image,
-        strength=DEFAULT_STRENGTH if args.strength is None else args.strength,
+        strength=strength,
         seed=[seed + i for i in range(args.n)],
         schedule=args.schedule,
     )

@@ -24,6 +24,10 @@ class GenerationParameters:
     model: str
     schedule: str = "trailing"
     strength: float | None = None  # img2img only
+    # Where the images of a call share one random stream (seed=int or one generator): image batch_pos of batch_size,
+    # which only the whole batch reproduces.
+    batch_size: int | None = None
+    batch_pos: int | None = None
 
     def to_a1111(self) -> str:
         """A1111 infotext: prompt line, optional negative line, then comma-separated key: value pairs."""
@@ -39,6 +43,8 @@ class GenerationParameters:
             "Size": f"{self.width}x{self.height}",
             "Model": self.model,
         }
+        if self.batch_size is not None:
+            fields["Batch size"], fields["Batch pos"] = self.batch_size, self.batch_pos
         if self.strength is not None:
             fields["Denoising strength"] = self.strength
         lines.append(", ".join(f"{k}: {v}" for k, v in fields.items()))

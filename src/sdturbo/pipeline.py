@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import numbers
 import random
 import warnings
 from collections import OrderedDict
@@ -31,6 +32,7 @@ OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 CALLBACK_TENSOR_INPUTS = ("latents", "denoised")
 MINI_MODEL_DIR = Path(__file__).parent / "assets" / "mini"  # sdturbo-mini, trained by `sdturbo train mini`
 MAX_SIDE_PX = 2048
+MAX_GUIDANCE_SCALE = 100  # far above any useful value (turbo: 0; SDXL: 5-15); 1e38 overflows to NaN
 PROMPT_CACHE_SIZE = 32  # encode_prompt results kept; each is ~0.3 MB in 16-bit
 ENCODE_CACHE_SIZE = 4  # VAE encodings of img2img inputs kept; ~0.1 MB each at 512x512
 
@@ -157,14 +159,25 @@ class TurboPipeline:
     ) -> TurboPipelineOutput:
         """callback_on_step_end(pipe, step_index, timestep, tensors) runs after every step, as in diffusers: tensors
         holds the names in callback_on_step_end_tensor_inputs ("latents", "denoised"), and a "latents" entry in the
-        dict it returns replaces x. step_index counts the steps this call runs (img2img's first is 0)."""
+        dict it returns replaces x. step_index counts the steps this call runs (img2img's first is 0).
+
+        image: PIL image(s), or a float [B,3,H,W] tensor in [0, 1] (or in [-1, 1] where it has values below 0, as
+        diffusers takes it). strength is checked with or without an image, but only an image uses it."""
         prompts = _as_prompt_list(prompt, "prompt")
         n = _check_int(num_images_per_prompt, "num_images_per_prompt", 1, 64)
         steps = _check_int(num_inference_steps, "num_inference_steps", 1, sampling.MAX_STEPS)
         batch = len(prompts) * n
         negative_prompts = _negative_prompts(negative_prompt, len(prompts))
-        if not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale) or guidance_scale < 0:
-            raise ValueError(f"guidance_scale must be a number >= 0, got {guidance_scale!r}")
+        if not _is_number(guidance_scale) or not 0 <= guidance_scale <= MAX_GUIDANCE_SCALE:
+            raise ValueError(f"guidance_scale must be a number from 0 to {MAX_GUIDANCE_SCALE}, got {guidance_scale!r}")
+        guidance_scale = float(guidance_scale)
+        if negative_prompts and guidance_scale <= 1:  # diffusers ignores it silently
+            warnings.warn(f"negative_prompt is used only with guidance_scale > 1, not {guidance_scale}; it is ignored")
+        if not _is_number(strength) or not 0 < strength <= 1:
+            raise ValueError(f"strength must be in (0, 1], got {strength!r}")
+        strength = float(strength)
+        height = None if height is None else self._check_side(height, "height")
+        width = None if width is None else self._check_side(width, "width")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
         if schedule not in sampling.SCHEDULES:
@@ -175,10 +188,13 @@ class TurboPipeline:
 
         pixels = None
         if image is not None:
-            if not (isinstance(strength, (int, float)) and 0 < strength <= 1):
-                raise ValueError(f"strength must be in (0, 1], got {strength!r}")
             if steps * strength < 1:
                 new_steps = math.ceil(1 / strength)
+                if new_steps > sampling.MAX_STEPS:
+                    raise ValueError(
+                        f"strength {strength} needs at least {new_steps} steps to run one; the most is "
+                        f"{sampling.MAX_STEPS}: use strength >= {1 / sampling.MAX_STEPS:g}"
+                    )
                 warnings.warn(
                     f"num_inference_steps {steps} x strength {strength} < 1 would run no step; using {new_steps} steps"
                 )
@@ -218,22 +234,26 @@ class TurboPipeline:
                 returned = callback_on_step_end(
                     self, i - start, t, {name: tensors[name] for name in callback_on_step_end_tensor_inputs}
                 )
-                return returned.get("latents", x) if returned else x
+                return _callback_latents(returned, x)
 
         x = sampling.euler_ancestral(denoiser, x, schedule_, lambda i: noise.draw(), start=start, on_step=on_step)
 
+        # One generator for several images: image i comes back only from the whole batch (A1111's "Batch pos").
+        shared = batch > 1 and isinstance(noise.rng, torch.Generator)
         params = [
             GenerationParameters(
                 prompt=prompts[i // n],
                 negative_prompt=negative_prompts[i // n] if negative_prompts and guidance_scale > 1 else None,
                 steps=steps,
-                guidance_scale=float(guidance_scale),
+                guidance_scale=guidance_scale,
                 seed=seeds[i],
                 width=width,
                 height=height,
                 model=self.name,
                 schedule=schedule,
-                strength=float(strength) if pixels is not None else None,
+                strength=strength if pixels is not None else None,
+                batch_size=batch if shared else None,
+                batch_pos=i if shared else None,
             )
             for i in range(batch)
         ]
@@ -276,21 +296,26 @@ class TurboPipeline:
         default = self.native_side_px
         height = default if height is None else height
         width = default if width is None else width
-        for name, v in (("height", height), ("width", width)):
-            if not isinstance(v, int) or isinstance(v, bool) or not 0 < v <= MAX_SIDE_PX or v % self._vae_scale:
-                raise ValueError(
-                    f"{name} must be a multiple of {self._vae_scale} between {self._vae_scale} and {MAX_SIDE_PX}, "
-                    f"got {v!r}"
-                )
+        height, width = self._check_side(height, "height"), self._check_side(width, "width")
         if (height, width) != (default, default):
             warnings.warn(f"{width}x{height} differs from {default}x{default}, the size this model was trained at")
         return height, width
+
+    def _check_side(self, v, name: str) -> int:
+        if not _is_integer(v) or not 0 < v <= MAX_SIDE_PX or v % self._vae_scale:
+            raise ValueError(
+                f"{name} must be a multiple of {self._vae_scale} between {self._vae_scale} and {MAX_SIDE_PX}, got {v!r}"
+            )
+        return int(v)
 
     def _random_source(self, seed, generator, batch: int, schedule: str, steps: int):
         """-> (seeds per image, a torch.Generator / list of them, or a list of int seeds for numpy noise)."""
         if seed is not None and generator is not None:
             raise ValueError("pass either seed or generator, not both")
         if generator is not None:
+            generators = generator if isinstance(generator, (list, tuple)) else [generator]
+            if not all(isinstance(g, torch.Generator) for g in generators):
+                raise ValueError(f"generator must be a torch.Generator or a list of one per image, got {generator!r}")
             if schedule == "substep":
                 raise ValueError("schedule 'substep' draws numpy noise from integer seeds; pass seed= instead of generator=")
             if isinstance(generator, (list, tuple)) and len(generator) != batch:
@@ -308,8 +333,8 @@ class TurboPipeline:
             if max(seeds) + steps >= 2**32:
                 raise ValueError("schedule 'substep' seeds numpy, which takes seeds below 2**32 - steps; pass a smaller seed")
             return seeds, _NumpySeeds(seeds)
-        if isinstance(seed, int):  # one generator for the whole batch, like diffusers' generator=manual_seed(seed)
-            return seeds, torch.Generator("cpu").manual_seed(seed)
+        if seed is not None and not isinstance(seed, (list, tuple)):  # one generator for the batch, as in diffusers
+            return seeds, torch.Generator("cpu").manual_seed(seeds[0])
         return seeds, [torch.Generator("cpu").manual_seed(s) for s in seeds]
 
     def _preprocess_image(self, image, height, width, num_prompts: int, n: int) -> torch.Tensor:
@@ -317,21 +342,32 @@ class TurboPipeline:
         if isinstance(image, torch.Tensor):
             if image.ndim == 3:
                 image = image[None]
-            if image.ndim != 4 or image.shape[1] != 3:
+            if image.ndim != 4 or image.shape[1] != 3 or not image.numel():
                 raise ValueError(f"image tensor must be [B,3,H,W] in [0, 1], got shape {tuple(image.shape)}")
-            pixels = image.float() * 2 - 1
+            if not image.is_floating_point():
+                raise ValueError(
+                    f"image tensor must be floating point in [0, 1], got {image.dtype}: pass image.float() / 255"
+                )
+            if not torch.isfinite(image).all():
+                raise ValueError("image tensor has NaN or infinite values")
+            lo, hi = image.min().item(), image.max().item()
+            if lo < -1 or hi > 1:
+                raise ValueError(f"image tensor values must be in [0, 1] (or [-1, 1]), got [{lo:g}, {hi:g}]: divide "
+                                 "a [0, 255] tensor by 255")
+            pixels = image.float() if lo < 0 else image.float() * 2 - 1  # diffusers: values below 0 mean [-1, 1]
             if height is not None or width is not None:
-                pixels = torch.nn.functional.interpolate(pixels, size=(height, width), mode="bicubic")
+                size = (height or pixels.shape[2], width or pixels.shape[3])
+                pixels = torch.nn.functional.interpolate(pixels, size=size, mode="bicubic")
         else:
             images = list(image) if isinstance(image, (list, tuple)) else [image]
-            if not all(isinstance(im, Image.Image) for im in images):
-                raise ValueError("image must be a PIL image, a list of PIL images, or a [B,3,H,W] tensor in [0, 1]")
+            if not images or not all(isinstance(im, Image.Image) for im in images):
+                raise ValueError("image must be a PIL image, a non-empty list of them, or a [B,3,H,W] tensor in [0, 1]")
             w0, h0 = images[0].size
             s = self._vae_scale
             size = (width or w0 - w0 % s, height or h0 - h0 % s)
             if min(size) < s:
                 raise ValueError(f"image is {w0}x{h0}; it must be at least {s}x{s} pixels")
-            arrays = [np.asarray(im.convert("RGB").resize(size, Image.LANCZOS), dtype=np.float32) / 255.0 for im in images]
+            arrays = [np.asarray(rgb_image(im).resize(size, Image.LANCZOS), dtype=np.float32) / 255.0 for im in images]
             pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) * 2 - 1
         b = pixels.shape[0]
         if b == num_prompts * n or b == 1:
@@ -396,6 +432,31 @@ class _NoiseDrawer:
         return out.to(self.device, self.dtype)
 
 
+def rgb_image(image: Image.Image) -> Image.Image:
+    """An input image as 8-bit RGB. convert("RGB") clips 16-bit images (PNG values 0..65535) to near-white, so those
+    are scaled; a float image's range is anyone's guess."""
+    if image.mode == "I" or image.mode.startswith("I;16"):
+        scaled = (np.asarray(image, dtype=np.float32) / 257).clip(0, 255).round().astype(np.uint8)
+        image = Image.fromarray(scaled)
+    elif image.mode == "F":
+        raise ValueError("image is a floating-point (mode F) PIL image of unknown range: convert it to 8-bit RGB")
+    return image.convert("RGB")
+
+
+def _callback_latents(returned, x: torch.Tensor) -> torch.Tensor:
+    """The x to go on with after a step callback: diffusers' rule, a "latents" entry in its dict replaces x."""
+    if returned is None:
+        return x
+    if not isinstance(returned, dict):
+        raise ValueError(f"callback_on_step_end must return a dict or None, got {type(returned).__name__}")
+    latents = returned.get("latents", x)
+    if not isinstance(latents, torch.Tensor) or (latents.shape, latents.dtype) != (x.shape, x.dtype):
+        got = f"{tuple(latents.shape)} {latents.dtype}" if isinstance(latents, torch.Tensor) else type(latents).__name__
+        raise ValueError(f"callback_on_step_end returned latents {got}; return a tensor like the step's: "
+                         f"{tuple(x.shape)} {x.dtype}")
+    return latents
+
+
 def _to_output(image: torch.Tensor, output_type: str, truncate: bool):
     image = (image / 2 + 0.5).clamp(0, 1)
     if output_type == "pt":
@@ -426,13 +487,22 @@ def _negative_prompts(negative_prompt, num_prompts: int) -> list[str] | None:
     return negatives
 
 
+def _is_integer(value) -> bool:
+    """Python and numpy integers; not bools, which are ints to Python."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def _check_int(value, name: str, lo: int, hi: int) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+    if not _is_integer(value) or not lo <= value <= hi:
         raise ValueError(f"{name} must be an integer from {lo} to {hi}, got {value!r}")
-    return value
+    return int(value)
 
 
 def _check_seed(seed) -> int:
-    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**64:
+    if not _is_integer(seed) or not 0 <= seed < 2**64:
         raise ValueError(f"seed must be an integer from 0 to 2**64 - 1, got {seed!r}")
-    return seed
+    return int(seed)
