@@ -29,14 +29,24 @@ def cpu_supports_bf16() -> bool:
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
+    """auto (CUDA when there is a GPU, else CPU), cpu, cuda or cuda:N; others (mps, meta, ...) are refused here,
+    as sdturbo runs on neither."""
     if device is None or str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(device)
-    except RuntimeError as e:
-        raise ValueError(f"unknown device {device!r}; use auto, cpu or cuda") from e
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from e
+    use_cpu = "use device='cpu' (Python) / --device cpu (command line)"
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {str(device)!r} is not supported: sdturbo runs on cpu or cuda[:N]; {use_cpu}")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was asked for but no CUDA GPU is available; use --device cpu")
+        raise ValueError(f"device {str(device)!r} was asked for but no CUDA GPU is available; {use_cpu}")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(
+            f"device {str(device)!r} was asked for but this machine has {torch.cuda.device_count()} CUDA GPU(s): "
+            f"use cuda:0 to cuda:{torch.cuda.device_count() - 1}"
+        )
     return device
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -11,6 +12,7 @@ from safetensors.torch import load_file, save_file
 from sdturbo.loading import Components, LoadError, load_components, save_diffusers_folder, save_single_file
 from sdturbo.loading.keymaps import COMPONENTS
 from sdturbo.models.configs import TINY
+from sdturbo.pipeline import TurboPipeline
 
 
 def assert_weights_equal(components: Components, state_dicts, dtype=torch.float32):
@@ -169,3 +171,47 @@ def test_loads_straight_to_cuda(layout, tiny_folder, tiny_single_file, tiny_stat
     with torch.no_grad():
         h, pooled = c.text_encoder_2(c.tokenizer_2(["a cat"]).cuda())
     assert pooled.shape == (1, 128) and torch.isfinite(h).all()
+
+
+def test_integer_weights_are_refused_with_file_key_and_dtype(tiny_folder, tmp_path):
+    folder = shutil.copytree(tiny_folder, tmp_path / "ints")
+    path = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    _rewrite(path, lambda t: t.update({"conv_in.weight": t["conv_in.weight"].to(torch.int32)}))
+    with pytest.raises(LoadError) as e:
+        load_components(folder)
+    message = str(e.value)
+    assert "\n" not in message
+    assert message.startswith(f"{path}: tensor conv_in.weight is torch.int32, but every weight sdturbo loads is float")
+
+
+def test_eos_id_of_the_text_config_should_be_the_tokenizers(tiny_folder, tmp_path):
+    """transformers pools at the config's eos_token_id, sdturbo at the tokenizer's: a mismatch is another image in
+    diffusers, so the load warns (sdturbo's own images are right)."""
+    folder = shutil.copytree(tiny_folder, tmp_path / "eos")
+    config_path = folder / "text_encoder_2" / "config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, "eos_token_id": 2}))  # the official files' legacy id: argmax(ids)
+    load_components(folder)
+    config_path.write_text(json.dumps({**config, "eos_token_id": 602}))
+    with pytest.warns(UserWarning, match=r"text_encoder_2/config.json: eos_token_id 602 is not the tokenizer's end "
+                                         r"token 49407: .*; set \"eos_token_id\": 49407 in the file"):
+        load_components(folder)
+
+
+@pytest.mark.parametrize("device", ["mps", "meta", "xpu:0"])
+def test_devices_sdturbo_does_not_run_on_are_refused_at_load(tiny_folder, device):
+    with pytest.raises(ValueError, match=rf"device '{device}' is not supported: sdturbo runs on cpu or cuda\[:N\]; "
+                                         r"use device='cpu' \(Python\) / --device cpu \(command line\)"):
+        load_components(tiny_folder, device=device)
+    with pytest.raises(ValueError, match=f"device '{device}' is not supported"):
+        TurboPipeline.from_pretrained(tiny_folder, device=device)
+
+
+def test_cuda_without_a_gpu_says_how_to_pick_the_cpu_from_python_and_the_command_line(tiny_folder, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match=r"no CUDA GPU is available; use device='cpu' \(Python\) / --device cpu"):
+        load_components(tiny_folder, device="cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match=r"device 'cuda:1' was asked for but this machine has 1 CUDA GPU\(s\)"):
+        load_components(tiny_folder, device="cuda:1")

@@ -6,10 +6,11 @@ import dataclasses
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from tiny_checkpoints import ODD, build_models
 
 from sdturbo.loading import LoadError, diffusers_to_sgm, infer_spec
-from sdturbo.loading.single_file import SAMPLE_SIZE_KEY, read_header, read_tensors
+from sdturbo.loading.single_file import SAMPLE_SIZE_KEY, read_header, read_tensors, spec_metadata
 from sdturbo.models.configs import SDXL_TURBO, TINY
 
 
@@ -65,3 +66,44 @@ def test_truncated_file_says_corrupt(tiny_single_file, tmp_path, cut):
     broken.write_bytes(data[:cut])
     with pytest.raises(LoadError, match=r"weights file .*broken\.safetensors is corrupt or truncated \(.*\); re-download"):
         read_header(broken)
+
+
+def test_metadata_records_what_shapes_cannot_tell():
+    """sgm files keep these in a yaml config, not in the weights: ours carry them, so a round trip keeps the spec."""
+    spec = dataclasses.replace(
+        TINY,
+        unet=dataclasses.replace(TINY.unet, sample_size=12, head_dim=32),
+        text_encoder=dataclasses.replace(TINY.text_encoder, num_heads=2, hidden_act="gelu", layer_norm_eps=1e-6),
+        text_encoder_2=dataclasses.replace(TINY.text_encoder_2, hidden_act="quick_gelu"),
+        vae=dataclasses.replace(TINY.vae, scaling_factor=0.42469173669815063, force_upcast=False),
+    )
+    metadata = spec_metadata(spec)
+    assert metadata[SAMPLE_SIZE_KEY] == "12"  # the key files written before the others keep working
+    assert infer_spec(sgm_meta(spec), metadata) == spec
+    # an official file has none of it: SDXL-Turbo's values
+    assert infer_spec(sgm_meta(spec)).vae == dataclasses.replace(spec.vae, scaling_factor=0.13025, force_upcast=True)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("sdturbo.vae.scaling_factor", '"0.5"', r"sdturbo.vae.scaling_factor = '\"0.5\"' is not a number"),
+        ("sdturbo.vae.force_upcast", "1", "sdturbo.vae.force_upcast = '1' is not true or false"),
+        ("sdturbo.sample_size", "8.5", "sdturbo.sample_size = '8.5' is not an integer"),
+        ("sdturbo.text_encoder.num_heads", "3", "metadata does not fit the tensors: hidden_size 64 is not divisible"),
+    ],
+)
+def test_bad_metadata_is_named(key, value, message):
+    with pytest.raises(LoadError, match=message):
+        infer_spec(sgm_meta(TINY), {key: value})
+
+
+def test_integer_tensor_is_refused_with_file_key_and_dtype(tiny_single_file, tmp_path):
+    tensors = load_file(tiny_single_file)
+    key = "model.diffusion_model.out.2.weight"
+    tensors[key] = tensors[key].to(torch.int32)
+    path = tmp_path / "ints.safetensors"
+    save_file(tensors, path)
+    with pytest.raises(LoadError) as e:
+        read_tensors(path, [key], torch.float16, "cpu")
+    assert str(e.value).startswith(f"{path}: tensor {key} is torch.int32, but every weight sdturbo loads is floating")

@@ -14,12 +14,19 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..devices import resolve_device
 from ..models.clip import CLIPTextModel
 from ..models.configs import ModelSpec
 from ..models.unet import UNet
 from ..models.vae import AutoencoderKL
 from ..tokenizer import CLIPTokenizer
-from .diffusers_folder import TOKENIZER_FOLDERS, read_component, read_folder_spec, save_diffusers_folder
+from .diffusers_folder import (
+    TOKENIZER_FOLDERS,
+    check_eos_token_ids,
+    read_component,
+    read_folder_spec,
+    save_diffusers_folder,
+)
 from .hub import DEFAULT_REPO, resolve_hub_id, resolve_tokenizer_folder
 from .keymaps import (
     COMPONENTS,
@@ -86,6 +93,7 @@ def load_components(
     folder or on the Hub, falling back to the plain files (and None the other way round). tokenizer overrides the
     tokenizers: a folder with tokenizer/ and tokenizer_2/, a folder with one vocab.json + merges.txt for both, or a
     Hub id; a single file has none of its own, so it defaults to stabilityai/sdxl-turbo's. Models come in eval mode."""
+    device = resolve_device(device)  # a device sdturbo cannot run on is refused before any reading
     folder = _diffusers_folder(source, variant)  # None: a single file
     if folder is None:  # a pickle or a corrupt header is the first thing to report
         check_safetensors_path(Path(source))
@@ -94,7 +102,8 @@ def load_components(
     if folder is None:
         spec, state_dicts, unmapped = _read_single_file(Path(source), dtype, device)
     else:
-        spec, state_dicts, unmapped = _read_folder(folder, variant, dtype, device)
+        eos_token_ids = (tokenizer_1.eos_token_id, tokenizer_2.eos_token_id)
+        spec, state_dicts, unmapped = _read_folder(folder, variant, dtype, device, eos_token_ids)
     models = _build_on_meta(spec, tokenizer_1.eos_token_id, tokenizer_2.eos_token_id)
     _check_state_dicts(str(source), models, state_dicts, unmapped)
     for name, model in models.items():
@@ -121,9 +130,10 @@ def _diffusers_folder(source: str | Path, variant: str | None) -> Path | None:
 
 
 def _read_folder(
-    folder: Path, variant: str | None, dtype: torch.dtype | None, device: torch.device | str
+    folder: Path, variant: str | None, dtype: torch.dtype | None, device: torch.device, eos_token_ids: tuple[int, int]
 ) -> tuple[ModelSpec, dict, list[str]]:
     spec = read_folder_spec(folder)
+    check_eos_token_ids(folder, eos_token_ids)
     return spec, {name: read_component(folder, name, variant, dtype, device) for name in COMPONENTS}, []
 
 
@@ -133,7 +143,10 @@ def _read_single_file(
     """Reads only the tensors that map; the others are reported with the strict check."""
     check_safetensors_path(path)
     shapes, metadata = read_header(path)
-    spec = infer_spec(shapes, metadata)
+    try:
+        spec = infer_spec(shapes, metadata)
+    except LoadError as e:
+        raise LoadError(f"{path}: {e}") from None
     unmapped = unmapped_sgm_keys(shapes, spec)
     skipped = set(unmapped) | IGNORED_SGM_KEYS
     tensors = read_tensors(path, [k for k in shapes if k not in skipped], dtype, device)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -12,13 +13,14 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from ..models.clip import text_config_from_transformers, text_config_to_transformers
-from ..models.configs import ModelSpec
+from ..models.clip import EOS_TOKEN_ID, text_config_from_transformers, text_config_to_transformers
+from ..models.configs import SDXL_TURBO, ModelSpec
 from ..models.unet import unet_config_from_diffusers, unet_config_to_diffusers
 from ..models.vae import vae_config_from_diffusers, vae_config_to_diffusers
 from ..sampling import BETA_END, BETA_START, NUM_TRAIN_TIMESTEPS
+from ..tokenizer import CLIPTokenizer
 from .keymaps import COMPONENTS, IGNORED_DIFFUSERS_KEYS, LoadError, StateDict
-from .single_file import PICKLE_SUFFIXES, read_header, read_tensors, refuse_pickle, state_dict_of
+from .single_file import PICKLE_SUFFIXES, is_like, kind_of, read_header, read_tensors, refuse_pickle, state_dict_of
 
 WEIGHT_NAMES = {
     "unet": "diffusion_pytorch_model.safetensors",
@@ -28,6 +30,8 @@ WEIGHT_NAMES = {
 }
 TOKENIZER_FOLDERS = ("tokenizer", "tokenizer_2")
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
+LEGACY_EOS_TOKEN_ID = 2  # the official configs' eos_token_id: transformers then pools at argmax(ids), CLIP's eos
 
 MODEL_INDEX = {
     "_class_name": "StableDiffusionXLPipeline",
@@ -58,15 +62,44 @@ SCHEDULER_CONFIG = {  # spec 6.2: sdxl-turbo's scheduler_config.json after the H
     "timestep_spacing": "trailing",
     "trained_betas": None,
 }
+# What a scheduler_config.json may say, as (the value sdturbo's sampler implements, diffusers' default when the key is
+# absent). timestep_spacing is sdturbo's schedule= argument instead ("trailing" or "substep").
+SCHEDULER_SUPPORT = {
+    "_class_name": ("EulerAncestralDiscreteScheduler", "EulerAncestralDiscreteScheduler"),
+    "num_train_timesteps": (NUM_TRAIN_TIMESTEPS, 1000),
+    "beta_start": (BETA_START, 0.0001),
+    "beta_end": (BETA_END, 0.02),
+    "beta_schedule": ("scaled_linear", "linear"),
+    "trained_betas": (None, None),
+    "prediction_type": ("epsilon", "epsilon"),
+    "timestep_spacing": ("trailing", "linspace"),
+    "rescale_betas_zero_snr": (False, False),
+    "use_karras_sigmas": (False, False),
+    "use_exponential_sigmas": (False, False),
+    "use_beta_sigmas": (False, False),
+}
+# config.json keys of the spec fields named otherwise, and those that hold a number or a list of one per level
+PER_LEVEL_KEYS = ("attention_head_dim", "layers_per_block")
+CONFIG_KEYS = {
+    "context_dim": "cross_attention_dim",
+    "adm_in_channels": "projection_class_embeddings_input_dim",
+    "transformer_depth": "transformer_layers_per_block",
+    "head_dim": "attention_head_dim",
+    "num_layers": "num_hidden_layers",
+    "num_heads": "num_attention_heads",
+}
 
 
 def read_json(path: Path) -> dict:
     if not path.is_file():
         raise LoadError(f"{path} is missing: not a diffusers SDXL folder (expected the stabilityai/sdxl-turbo layout)")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise LoadError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise LoadError(f"{path} holds a JSON {type(data).__name__}, not an object of settings")
+    return data
 
 
 def _check_model_index(folder: Path) -> None:
@@ -81,10 +114,45 @@ def _check_model_index(folder: Path) -> None:
         raise LoadError(f"{path} describes a {pipeline} without {', '.join(absent)}: not SDXL")
 
 
+def _check_scheduler(folder: Path) -> None:
+    """scheduler/scheduler_config.json is optional, but what it says must be what sdturbo samples with."""
+    path = folder / "scheduler" / "scheduler_config.json"
+    if not path.exists():
+        return
+    config = read_json(path)
+    for key, (supported, default) in SCHEDULER_SUPPORT.items():
+        value = config.get(key, default)
+        if value == supported:
+            continue
+        shown = repr(value) if len(repr(value)) <= 40 else f"{repr(value)[:36]}..."  # trained_betas: 1000 numbers
+        said = f"{key} {shown}" + ("" if key in config else " (diffusers' default, the key is absent)")
+        if key == "timestep_spacing":
+            raise LoadError(
+                f"{path}: {said} is not implemented; sdturbo's schedule= / --schedule picks the spacing ('trailing', "
+                "the default, or 'substep'): set \"timestep_spacing\": \"trailing\" in the file"
+            )
+        raise LoadError(
+            f"{path}: {said} is not implemented (sdturbo samples with {key} {supported!r}); "
+            f"set \"{key}\": {json.dumps(supported)} in the file if the model was trained that way"
+        )
+
+
+def _check_types(path: Path, config: dict, preset) -> None:
+    """Every number (and string, flag) the spec takes from config.json has the JSON type it needs (that of the
+    preset's field): "0.5" for a number would otherwise load and fail at the first generation."""
+    for field, like in vars(preset).items():
+        key = CONFIG_KEYS.get(field, field)
+        like = [like] if key in PER_LEVEL_KEYS else like
+        if key in config and not is_like(config[key], like):
+            raise LoadError(f"{path}: {key} is {config[key]!r}, not {kind_of(like)}; correct the value in the file")
+
+
 def read_folder_spec(folder: str | Path) -> ModelSpec:
-    """The architecture from unet/, text_encoder/, text_encoder_2/ and vae/ config.json."""
+    """The architecture from unet/, text_encoder/, text_encoder_2/ and vae/ config.json; scheduler/ must describe
+    sdturbo's sampler."""
     folder = Path(folder)
     _check_model_index(folder)
+    _check_scheduler(folder)
     readers = {
         "unet": unet_config_from_diffusers,
         "text_encoder": text_config_from_transformers,
@@ -94,11 +162,28 @@ def read_folder_spec(folder: str | Path) -> ModelSpec:
     configs = {}
     for name, reader in readers.items():
         path = folder / name / "config.json"
+        config = read_json(path)
+        _check_types(path, config, getattr(SDXL_TURBO, name))
         try:
-            configs[name] = reader(read_json(path))
+            configs[name] = reader(config)
         except (KeyError, TypeError, ValueError) as e:
             raise LoadError(f"{path} is not a supported SDXL config: {type(e).__name__}: {e}") from None
     return ModelSpec(**configs)
+
+
+def check_eos_token_ids(folder: Path, eos_token_ids: tuple[int, int]) -> None:
+    """transformers pools a text tower at the first eos_token_id of its config.json (at argmax(ids) for the official
+    files' legacy 2), sdturbo at its tokenizer's eos: where they disagree diffusers draws another image. sdturbo's is
+    the right one, so this warns (folders saved before save_diffusers_folder wrote the tokenizer's ids still load)."""
+    for name, eos in zip(TEXT_ENCODERS, eos_token_ids):
+        path = folder / name / "config.json"
+        configured = read_json(path).get("eos_token_id", EOS_TOKEN_ID)  # absent: transformers' default
+        if configured not in (LEGACY_EOS_TOKEN_ID, eos):
+            warnings.warn(
+                f"{path}: eos_token_id {configured!r} is not the tokenizer's end token {eos}: sdturbo pools the prompt "
+                f"at the tokenizer's, diffusers would pool elsewhere and draw other images; set \"eos_token_id\": "
+                f"{eos} in the file"
+            )
 
 
 def with_variant(filename: str, variant: str | None) -> str:
@@ -126,13 +211,34 @@ def weight_files(component_dir: Path, filename: str, variant: str | None) -> lis
             return [single]
         index = component_dir / with_variant(filename + ".index.json", v)
         if index.is_file():
-            shards = sorted(set(read_json(index).get("weight_map", {}).values()))
-            return [component_dir / shard for shard in shards]
+            return [component_dir / shard for shard in _shards(index)]
     pickles = sorted(p for p in component_dir.iterdir() if p.suffix in PICKLE_SUFFIXES)
     if pickles:
         raise refuse_pickle(pickles[0])
     names = " or ".join(with_variant(filename, v) for v in variant_order(variant))
-    raise LoadError(f"{component_dir} has no weights: expected {names}")
+    stem, suffix = filename.rsplit(".", 1)
+    variants = [*component_dir.glob(f"{stem}.*.{suffix}"), *component_dir.glob(f"{filename}.index.*.json")]
+    found = sorted({p.name.split(".")[-2] for p in variants})
+    hint = (
+        f"; it has the {', '.join(found)} variant: pass variant=\"{found[0]}\" to from_pretrained() or "
+        f"load_components() (the command line has no variant option: drop \".{found[0]}\" from the file names)"
+        if found
+        else ""
+    )
+    raise LoadError(f"{component_dir} has no weights: expected {names}{hint}")
+
+
+def _shards(index: Path) -> list[str]:
+    """The shard files a *.safetensors.index.json names: plain file names next to it, never paths elsewhere."""
+    weight_map = read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict):
+        kind = type(weight_map).__name__
+        raise LoadError(f"{index}: weight_map is a {kind}, not an object mapping tensor names to shard files")
+    shards = sorted(set(map(str, weight_map.values())))
+    outside = [s for s in shards if Path(s).name != s or s in ("", ".", "..") or "\\" in s]
+    if outside:
+        raise LoadError(f"{index}: weight_map names {outside[0]!r}; shards must be plain file names in {index.parent}")
+    return shards
 
 
 def read_component(
@@ -161,12 +267,16 @@ def _write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-def component_configs(spec: ModelSpec) -> dict[str, dict]:
-    """config.json contents per component, as diffusers and transformers write them."""
+def component_configs(spec: ModelSpec, tokenizers: tuple[CLIPTokenizer, CLIPTokenizer] | None = None) -> dict:
+    """config.json contents per component, as diffusers and transformers write them; the text towers' carry their
+    tokenizer's start, end and pad ids (without tokenizers, sdxl-turbo's: CLIP's vocab, TE2 padding with 0)."""
+    ids = [(t.bos_token_id, t.eos_token_id, t.pad_token_id) for t in tokenizers or ()]
+    ids = ids or [(EOS_TOKEN_ID - 1, EOS_TOKEN_ID, EOS_TOKEN_ID), (EOS_TOKEN_ID - 1, EOS_TOKEN_ID, 0)]
+    token_ids = [dict(zip(("bos_token_id", "eos_token_id", "pad_token_id"), t)) for t in ids]
     return {
         "unet": unet_config_to_diffusers(spec.unet),
-        "text_encoder": text_config_to_transformers(spec.text_encoder, with_projection=False),
-        "text_encoder_2": text_config_to_transformers(spec.text_encoder_2, with_projection=True),
+        "text_encoder": {**text_config_to_transformers(spec.text_encoder, with_projection=False), **token_ids[0]},
+        "text_encoder_2": {**text_config_to_transformers(spec.text_encoder_2, with_projection=True), **token_ids[1]},
         "vae": {"_class_name": "AutoencoderKL", **vae_config_to_diffusers(spec.vae)},
     }
 
@@ -181,9 +291,10 @@ def save_diffusers_folder(
     """Write the official layout: model_index.json, scheduler/, the four components' config.json and weights (in the
     tensors' own dtype, named for `variant`), and copies of the tokenizer/ and tokenizer_2/ files when given."""
     path = Path(path)
+    tokenizers = tuple(CLIPTokenizer.from_folder(f) for f in tokenizer_folders) if tokenizer_folders else None
     _write_json(path / "model_index.json", MODEL_INDEX)
     _write_json(path / "scheduler" / "scheduler_config.json", SCHEDULER_CONFIG)
-    for name, config in component_configs(spec).items():
+    for name, config in component_configs(spec, tokenizers).items():
         _write_json(path / name / "config.json", config)
         tensors = {k: t.detach().contiguous().cpu() for k, t in state_dict_of(components[name]).items()}
         # transformers refuses safetensors files without format metadata

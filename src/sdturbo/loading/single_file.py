@@ -3,6 +3,7 @@ tensor shapes, write one. Also home of the safetensors reading shared with diffu
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
@@ -16,6 +17,14 @@ from .keymaps import SGM_PREFIXES, LoadError, StateDict, diffusers_to_sgm
 
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
 SAMPLE_SIZE_KEY = "sdturbo.sample_size"  # our metadata: the default latent size is not in the weights
+# The spec values that tensor shapes do not give (sgm keeps them in its yaml config): our files record them in the
+# metadata as JSON, under sdturbo.{component}.{field}; files without them get SDXL-Turbo's.
+RECORDED_FIELDS = {
+    "unet": ("sample_size", "head_dim", "norm_num_groups"),
+    "text_encoder": ("num_heads", "hidden_act", "layer_norm_eps"),
+    "text_encoder_2": ("num_heads", "hidden_act", "layer_norm_eps"),
+    "vae": ("norm_num_groups", "scaling_factor", "force_upcast"),
+}
 HEAD_DIM = 64  # every SDXL attention (UNet and both text towers) uses 64-wide heads; shapes cannot tell heads apart
 NORM_GROUPS = 32  # sgm's UNet and VAE hard-code GroupNorm(32, ...)
 
@@ -33,6 +42,24 @@ def refuse_pickle(path: Path) -> LoadError:
         f"{path} is a pickle file, which sdturbo does not load (unpickling can run code); "
         f"convert it to safetensors once with: {convert}"
     )
+
+
+def is_like(value, like) -> bool:
+    """Whether a config value has the JSON type of `like`, a valid value: the same type for strings and booleans; for
+    numbers an integer where `like` is one, else any number; lists element-wise (a lone number passes for a
+    per-level list). A `like` of None accepts anything."""
+    if isinstance(like, (list, tuple)):
+        return not like or all(is_like(v, like[0]) for v in (value if isinstance(value, (list, tuple)) else [value]))
+    if like is None or isinstance(like, (bool, str)):
+        return like is None or type(value) is type(like)
+    return isinstance(value, int if isinstance(like, int) else (int, float)) and not isinstance(value, bool)
+
+
+def kind_of(like) -> str:
+    """What is_like(value, like) asks for, in words."""
+    if isinstance(like, (list, tuple)):
+        return f"{kind_of(like[0])} or a list of them"
+    return {bool: "true or false", str: "a string", int: "an integer"}.get(type(like), "a number")
 
 
 def _corrupt(path: Path, error: Exception) -> LoadError:
@@ -61,7 +88,13 @@ def read_tensors(
         read_device = str(device) if torch.device(device).type in ("cpu", "cuda") else "cpu"
         with safe_open(path, framework="pt", device=read_device) as f:
             for key in keys:
-                out[key] = _convert(f.get_tensor(key), dtype, device)
+                t = f.get_tensor(key)
+                if not t.is_floating_point():
+                    raise LoadError(
+                        f"{path}: tensor {key} is {t.dtype}, but every weight sdturbo loads is floating point; "
+                        "re-export the checkpoint with float16/bfloat16/float32 weights"
+                    )
+                out[key] = _convert(t, dtype, device)
     except (SafetensorError, OSError, ValueError) as e:
         raise _corrupt(path, e) from None
     return out
@@ -103,7 +136,30 @@ def _count(shapes: Shapes, prefix: str) -> int:
     return len({int(i) for i in indices if i.isdigit()})
 
 
-def _unet_config(shapes: Shapes, pooled_dim: int, sample_size: int) -> UNetConfig:
+def metadata_key(component: str, field: str) -> str:
+    return SAMPLE_SIZE_KEY if (component, field) == ("unet", "sample_size") else f"sdturbo.{component}.{field}"
+
+
+def _recorded(metadata: Mapping[str, str], component: str, **defaults) -> dict:
+    """`defaults` (SDXL-Turbo's values of RECORDED_FIELDS[component]) with those our metadata records instead."""
+    values = dict(defaults)
+    for field, default in defaults.items():
+        key = metadata_key(component, field)
+        if key not in metadata:
+            continue
+        try:
+            values[field] = json.loads(metadata[key])
+        except json.JSONDecodeError:
+            values[field] = metadata[key]
+        if not is_like(values[field], default):
+            raise LoadError(
+                f"metadata {key} = {metadata[key]!r} is not {kind_of(default)}; correct it, or delete the key to "
+                f"use SDXL-Turbo's {default!r}"
+            )
+    return values
+
+
+def _unet_config(shapes: Shapes, pooled_dim: int, metadata: Mapping[str, str]) -> UNetConfig:
     n_inputs = _count(shapes, "input_blocks.")
     n_downsamplers = sum(f"input_blocks.{i}.0.op.weight" in shapes for i in range(n_inputs))
     levels = n_downsamplers + 1
@@ -126,16 +182,16 @@ def _unet_config(shapes: Shapes, pooled_dim: int, sample_size: int) -> UNetConfi
         block_out_channels=tuple(_shape(shapes, f"input_blocks.{i}.0.out_layers.3.weight")[0] for i in first_blocks),
         transformer_depth=tuple(_count(shapes, f"input_blocks.{i}.1.transformer_blocks.") for i in first_blocks),
         layers_per_block=layers_per_block,
-        head_dim=HEAD_DIM,
         context_dim=_shape(shapes, "middle_block.1.transformer_blocks.0.attn2.to_k.weight")[1],
         addition_time_embed_dim=time_dims,
         adm_in_channels=adm_in_channels,
-        norm_num_groups=NORM_GROUPS,
-        sample_size=sample_size,
+        **_recorded(
+            metadata, "unet", sample_size=SDXL_TURBO.unet.sample_size, head_dim=HEAD_DIM, norm_num_groups=NORM_GROUPS
+        ),
     )
 
 
-def _clip_config(shapes: Shapes) -> TextEncoderConfig:
+def _clip_config(shapes: Shapes, metadata: Mapping[str, str]) -> TextEncoderConfig:
     """TE1 is stored as a transformers CLIPTextModel (OpenAI CLIP ViT-L: quick_gelu)."""
     vocab_size, width = _shape(shapes, "text_model.embeddings.token_embedding.weight")
     return TextEncoderConfig(
@@ -143,15 +199,15 @@ def _clip_config(shapes: Shapes) -> TextEncoderConfig:
         hidden_size=width,
         intermediate_size=_shape(shapes, "text_model.encoder.layers.0.mlp.fc1.weight")[0],
         num_layers=_count(shapes, "text_model.encoder.layers."),
-        num_heads=width // HEAD_DIM,
         max_position_embeddings=_shape(shapes, "text_model.embeddings.position_embedding.weight")[0],
-        hidden_act="quick_gelu",
-        layer_norm_eps=1e-5,
         projection_dim=None,
+        **_recorded(
+            metadata, "text_encoder", num_heads=width // HEAD_DIM, hidden_act="quick_gelu", layer_norm_eps=1e-5
+        ),
     )
 
 
-def _open_clip_config(shapes: Shapes) -> TextEncoderConfig:
+def _open_clip_config(shapes: Shapes, metadata: Mapping[str, str]) -> TextEncoderConfig:
     """TE2 is stored as an open_clip text tower (OpenCLIP bigG: exact gelu, projection applied as x @ W)."""
     vocab_size, width = _shape(shapes, "token_embedding.weight")
     return TextEncoderConfig(
@@ -159,16 +215,14 @@ def _open_clip_config(shapes: Shapes) -> TextEncoderConfig:
         hidden_size=width,
         intermediate_size=_shape(shapes, "transformer.resblocks.0.mlp.c_fc.weight")[0],
         num_layers=_count(shapes, "transformer.resblocks."),
-        num_heads=width // HEAD_DIM,
         max_position_embeddings=_shape(shapes, "positional_embedding")[0],
-        hidden_act="gelu",
-        layer_norm_eps=1e-5,
         projection_dim=_shape(shapes, "text_projection")[1],
+        **_recorded(metadata, "text_encoder_2", num_heads=width // HEAD_DIM, hidden_act="gelu", layer_norm_eps=1e-5),
     )
 
 
-def _vae_config(shapes: Shapes) -> VAEConfig:
-    """Scaling factor and fp16 behaviour are not in the weights: SDXL's VAE values."""
+def _vae_config(shapes: Shapes, metadata: Mapping[str, str]) -> VAEConfig:
+    """Scaling factor and fp16 behaviour are not in the weights: our metadata's, else SDXL's VAE values."""
     levels = _count(shapes, "encoder.down.")
     return VAEConfig(
         in_channels=_shape(shapes, "encoder.conv_in.weight")[1],
@@ -176,9 +230,13 @@ def _vae_config(shapes: Shapes) -> VAEConfig:
         latent_channels=_shape(shapes, "post_quant_conv.weight")[0],
         block_out_channels=tuple(_shape(shapes, f"encoder.down.{i}.block.0.conv2.weight")[0] for i in range(levels)),
         layers_per_block=_count(shapes, "encoder.down.0.block."),
-        norm_num_groups=NORM_GROUPS,
-        scaling_factor=SDXL_TURBO.vae.scaling_factor,
-        force_upcast=SDXL_TURBO.vae.force_upcast,
+        **_recorded(
+            metadata,
+            "vae",
+            norm_num_groups=NORM_GROUPS,
+            scaling_factor=SDXL_TURBO.vae.scaling_factor,
+            force_upcast=SDXL_TURBO.vae.force_upcast,
+        ),
     )
 
 
@@ -186,20 +244,23 @@ def infer_spec(
     shapes: Mapping[str, Sequence[int] | torch.Tensor], metadata: Mapping[str, str] | None = None
 ) -> ModelSpec:
     """The architecture of an sgm single file from its key names and tensor shapes (tensors work too: meta ones
-    need no memory). The default latent size is not in the weights: our files store it in the metadata, others get
-    SDXL-Turbo's 64 (512 px)."""
+    need no memory). What shapes cannot tell (RECORDED_FIELDS: the default latent size, the VAE's scaling factor,
+    ...) our files store in the metadata; others get SDXL-Turbo's values."""
     shapes = {k: tuple(getattr(v, "shape", v)) for k, v in shapes.items()}
     absent = [p for p in SGM_PREFIXES.values() if not any(k.startswith(p) for k in shapes)]
     if absent:
         raise LoadError(f"not an SDXL single file: no tensors under {', '.join(absent)}")
-    sample_size = int((metadata or {}).get(SAMPLE_SIZE_KEY, SDXL_TURBO.unet.sample_size))
-    text_encoder_2 = _open_clip_config(_component(shapes, "text_encoder_2"))
-    return ModelSpec(
-        unet=_unet_config(_component(shapes, "unet"), text_encoder_2.projection_dim, sample_size),
-        text_encoder=_clip_config(_component(shapes, "text_encoder")),
-        text_encoder_2=text_encoder_2,
-        vae=_vae_config(_component(shapes, "vae")),
-    )
+    metadata = metadata or {}
+    try:
+        text_encoder_2 = _open_clip_config(_component(shapes, "text_encoder_2"), metadata)
+        return ModelSpec(
+            unet=_unet_config(_component(shapes, "unet"), text_encoder_2.projection_dim, metadata),
+            text_encoder=_clip_config(_component(shapes, "text_encoder"), metadata),
+            text_encoder_2=text_encoder_2,
+            vae=_vae_config(_component(shapes, "vae"), metadata),
+        )
+    except ValueError as e:  # a config's own check: values from the metadata that do not fit the shapes
+        raise LoadError(f"the sdturbo.* metadata does not fit the tensors: {e}") from None
 
 
 # -- writing ---------------------------------------------------------------------------------------------------
@@ -211,10 +272,19 @@ def state_dict_of(component: nn.Module | StateDict) -> StateDict:
 
 def save_single_file(path: str | Path, components: Mapping[str, nn.Module | StateDict], spec: ModelSpec) -> Path:
     """Write {"unet", "text_encoder", "text_encoder_2", "vae"} (modules or diffusers-named state dicts) as one sgm
-    single file, in the tensors' own dtype."""
+    single file, in the tensors' own dtype, with what the shapes do not tell of `spec` in the metadata."""
     path = Path(path)
     sgm = diffusers_to_sgm({name: state_dict_of(c) for name, c in components.items()}, spec)
     tensors = {k: t.detach().contiguous().cpu() for k, t in sgm.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata={"format": "pt", SAMPLE_SIZE_KEY: str(spec.unet.sample_size)})
+    save_file(tensors, str(path), metadata={"format": "pt", **spec_metadata(spec)})
     return path
+
+
+def spec_metadata(spec: ModelSpec) -> dict[str, str]:
+    """The RECORDED_FIELDS of `spec`, as JSON strings under their metadata keys."""
+    return {
+        metadata_key(component, field): json.dumps(getattr(getattr(spec, component), field))
+        for component, fields in RECORDED_FIELDS.items()
+        for field in fields
+    }
