@@ -31,6 +31,7 @@ PROTECTED = [
     ("POST", "/sdapi/v1/img2img", {"json": {"init_images": [base64.b64encode(PNG).decode()], "prompt": "x"}}),
     ("GET", "/sdapi/v1/sd-models", {}),
     ("GET", "/sdapi/v1/samplers", {}),
+    ("GET", "/v1/models", {}),
     ("GET", "/sdapi/v1/options", {}),
     ("POST", "/sdapi/v1/options", {"json": {"sd_model_checkpoint": "fake"}}),
 ]

@@ -31,6 +31,11 @@ def test_generate_with_seed_and_steps_in_extra_body(client):
     assert same_pixels(decode_b64_png(r.data[1].b64_json), expected_image("a fox", 4, 64, 64, steps=2))
 
 
+def test_models_lists_the_loaded_model(client):
+    """Tools built on the client list the models first; the one served is the pipeline's name."""
+    assert [m.id for m in client.models.list()] == [FakePipeline().name]
+
+
 def test_edit(client):
     source = Image.new("RGB", (64, 64), "orange")
     r = client.images.edit(

@@ -74,6 +74,13 @@ def test_typing_a_prompt_makes_an_image_appear(page, page_server):
     assert len(page_server.pipeline.calls) < len("a lighthouse at dusk")
 
 
+@pytest.mark.parametrize("source", ["none", "upload", "draw"])
+def test_a_phone_wide_screen_needs_no_sideways_scrolling(page, source):
+    page.set_viewport_size({"width": 375, "height": 667})
+    page.locator(f"input[name=source][value={source}]").check()
+    assert page.evaluate("document.documentElement.scrollWidth") <= 375
+
+
 def test_seed_lock_randomize_steps_and_size(page):
     page.locator("#prompt").fill("seeds")
     wait_for_image_of(page, "Seed: 42")

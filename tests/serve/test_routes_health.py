@@ -32,6 +32,7 @@ def test_openapi_lists_every_endpoint(server):
     assert {
         "/v1/images/generations",
         "/v1/images/edits",
+        "/v1/models",
         "/sdapi/v1/txt2img",
         "/sdapi/v1/img2img",
         "/sdapi/v1/sd-models",

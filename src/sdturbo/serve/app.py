@@ -57,8 +57,8 @@ def create_app(settings: ServeSettings, engine: Engine) -> FastAPI:
     )
     app.state.settings, app.state.engine = settings, engine
     install_error_handlers(app)
-    for module in (openai, a1111, ws, health, page):
-        app.include_router(module.router)
+    for router in (openai.router, openai.models_router, a1111.router, ws.router, health.router, page.router):
+        app.include_router(router)
     app.mount("/static", StaticFiles(directory=page.STATIC_DIR), name="static")
 
     @app.get("/openapi.json", include_in_schema=False, dependencies=[ApiKey])

@@ -1,4 +1,5 @@
-"""OpenAI images API: POST /v1/images/generations (text-to-image) and /v1/images/edits (image-to-image)."""
+"""OpenAI images API: POST /v1/images/generations (text-to-image) and /v1/images/edits (image-to-image), and
+GET /v1/models, which OpenAI clients and tools list before they pick a model."""
 
 from __future__ import annotations
 
@@ -24,6 +25,14 @@ from ..schemas import (
 router = APIRouter(
     prefix="/v1/images", tags=["openai"], dependencies=[ApiKey], responses=ERROR_RESPONSES, route_class=KeyFirstRoute
 )
+models_router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[ApiKey], responses=ERROR_RESPONSES)
+
+
+@models_router.get("/models")
+async def list_models(engine: EngineDep) -> dict:
+    """The one model the operator loaded (`sdturbo serve --model`), in OpenAI's list shape."""
+    return {"object": "list", "data": [{"id": engine.pipeline.name, "object": "model", "created": 0,
+                                        "owned_by": "sdturbo"}]}
 
 
 @router.post("/generations", response_model=ImagesResponse)
