@@ -102,6 +102,32 @@ def test_resume_reproduces_the_next_step(run, tiny_teacher, tmp_path):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
 
 
+def test_ctrl_c_finishes_the_step_checkpoints_it_and_resume_goes_on(tiny_teacher, tmp_path, monkeypatch, capsys):
+    import os
+    import signal
+
+    from sdturbo.train import driver
+
+    def interrupted_step(models, optimizers, batch, add, step):  # Ctrl+C arrives in the middle of step 1
+        if step == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+        return train_step(models, optimizers, batch, add, step)
+
+    train_step = driver.train_step
+    monkeypatch.setattr(driver, "train_step", interrupted_step)
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train(config(tiny_teacher, out, steps=5, checkpoint_every=10))
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_0000002"]  # step 1 finished, then saved
+    assert "the newest checkpoint is" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is given back
+    monkeypatch.setattr(driver, "train_step", train_step)
+    train(config(tiny_teacher, out, steps=5, checkpoint_every=10, resume=True))
+    assert [r["step"] for r in read_log(out)] == [0, 1, 2, 3, 4]
+    train(config(tiny_teacher, out, steps=5, checkpoint_every=10, resume=True))
+    assert "already at step 5 of --steps 5: nothing to train" in capsys.readouterr().err
+
+
 def test_out_folder_is_never_mixed(run, tiny_teacher, tmp_path):
     out, _ = run
     with pytest.raises(ValueError, match="--resume"):

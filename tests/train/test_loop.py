@@ -129,6 +129,10 @@ def test_config_checks():
         ADDConfig(weighting="uniform")
     with pytest.raises(ValueError, match="not both 0"):
         ADDConfig(adversarial_weight=0.0, distill_weight=0.0)
+    for bad, flag in (({"lr_student": -1.0}, "--add.lr-student"), ({"lr_discriminator": 0.0}, "--add.lr-discriminator"),
+                      ({"grad_clip": -1.0}, "--add.grad-clip"), ({"ema_decay": 1.0}, "--add.ema-decay")):
+        with pytest.raises(ValueError, match=flag):
+            ADDConfig(**bad)
     with pytest.raises(ValueError, match="adversarial_weight"):
         ADDConfig(adversarial_weight=-1.0)
 

@@ -20,8 +20,10 @@ import itertools
 import json
 import os
 import shutil
+import signal
 import sys
 import textwrap
+import threading
 import time
 import typing
 import warnings
@@ -472,6 +474,29 @@ def train(cfg: TrainAddConfig) -> Path:
             dist.destroy_process_group()
 
 
+class StopAtStepEnd:
+    """Ctrl+C in a one-process run: finish the step, checkpoint it, then stop, so no trained step is lost (a second
+    Ctrl+C stops at once). Under torchrun ranks could stop at different steps, so there Ctrl+C interrupts as usual."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self.requested = False
+        self.previous = None
+
+    def __enter__(self) -> "StopAtStepEnd":
+        if self.enabled:
+            self.previous = signal.signal(signal.SIGINT, self._request)
+        return self
+
+    def _request(self, signum, frame) -> None:
+        self.requested = True
+        signal.signal(signal.SIGINT, self.previous)
+
+    def __exit__(self, *exc) -> None:
+        if self.enabled:
+            signal.signal(signal.SIGINT, self.previous)
+
+
 def _train(cfg: TrainAddConfig, device: torch.device) -> Path:
     rank, world = rank_and_world()
     is_main = rank == 0
@@ -484,6 +509,9 @@ def _train(cfg: TrainAddConfig, device: torch.device) -> Path:
     parallelize(models, cfg, device)
     optimizers = build_optimizers(models, cfg.add)
     start = start_step(out, cfg, models, optimizers)
+    if start >= cfg.steps and is_main:
+        print(f"{out} is already at step {start} of --steps {cfg.steps}: nothing to train; exporting final/ again",
+              file=sys.stderr)
     conditioner = Conditioner(PromptEncoder(teacher, cfg.text_cache_size, PRECISIONS[cfg.precision]),
                               teacher.spec.unet, size_px, cfg.add)
     prompts = cfg.sample_prompts or (HELDOUT_PROMPTS[:8] if cfg.data == "shapes" else PHOTO_PROMPTS)
@@ -504,23 +532,34 @@ def _train(cfg: TrainAddConfig, device: torch.device) -> Path:
     if start == 0 and cfg.sample_every:
         sample(0)
     progress = tqdm(total=cfg.steps, initial=start, disable=not is_main, desc="ADD", dynamic_ncols=True)
-    for step in range(start, cfg.steps):
-        data = next(batches)
-        t0 = time.perf_counter()
-        batch = conditioner(data.image, data.captions, device)
-        with autocast(cfg, device):
-            metrics = train_step(models, optimizers, batch, cfg.add, step)
-        metrics = mean_over_ranks(metrics, device)
-        seconds = time.perf_counter() - t0
-        done = step + 1
-        if is_main:
-            append_log(log_path, step, metrics, seconds, cfg.batch_size * world, device)
-            progress.set_postfix(g=f"{metrics['g_loss']:.3f}", d=f"{metrics['d_loss']:.3f}")
-            progress.update()
-        if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-            write_checkpoint(out, models, optimizers, cfg, done)
-        if cfg.sample_every and (done % cfg.sample_every == 0 or done == cfg.steps):
-            sample(done)
+    with StopAtStepEnd(world == 1) as stop:
+        try:
+            for step in range(start, cfg.steps):
+                data = next(batches)
+                t0 = time.perf_counter()
+                batch = conditioner(data.image, data.captions, device)
+                with autocast(cfg, device):
+                    metrics = train_step(models, optimizers, batch, cfg.add, step)
+                metrics = mean_over_ranks(metrics, device)
+                seconds = time.perf_counter() - t0
+                done = step + 1
+                if is_main:
+                    append_log(log_path, step, metrics, seconds, cfg.batch_size * world, device)
+                    progress.set_postfix(g=f"{metrics['g_loss']:.3f}", d=f"{metrics['d_loss']:.3f}")
+                    progress.update()
+                if done % cfg.checkpoint_every == 0 or done == cfg.steps or stop.requested:
+                    write_checkpoint(out, models, optimizers, cfg, done)
+                if stop.requested:
+                    raise KeyboardInterrupt
+                if cfg.sample_every and (done % cfg.sample_every == 0 or done == cfg.steps):
+                    sample(done)
+        except KeyboardInterrupt:
+            progress.close()
+            if is_main:
+                found = checkpoints(out)
+                saved = f"the newest checkpoint is {found[-1]}" if found else "no checkpoint was written yet"
+                print(f"\ninterrupted: {saved}; run the same command with --resume to go on from it", file=sys.stderr)
+            raise
     progress.close()
 
     fingerprints = replica_fingerprints(models)

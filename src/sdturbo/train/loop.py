@@ -93,6 +93,14 @@ class ADDConfig:
                 f"need 1 <= teacher_t_min {self.teacher_t_min} <= teacher_t_max {self.teacher_t_max} <= 999"
             )
         distillation_weight(self.weighting, torch.ones(()), torch.ones(()))  # rejects unknown names
+        for name in ("lr_student", "lr_discriminator"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} (--add.{name.replace('_', '-')}) must be above 0, got {getattr(self, name)}")
+        for name in ("r1_gamma", "weight_decay", "grad_clip"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} (--add.{name.replace('_', '-')}) must be 0 or more, got {getattr(self, name)}")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay (--add.ema-decay) must be in [0, 1), got {self.ema_decay}")
         if self.distill_weight < 0 or self.adversarial_weight < 0 or self.distill_weight + self.adversarial_weight == 0:
             raise ValueError(
                 f"distill_weight {self.distill_weight} and adversarial_weight {self.adversarial_weight} must be >= 0"
