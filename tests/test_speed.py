@@ -229,3 +229,16 @@ def test_fast_path_unet_traces_as_one_graph(tmp_path):
     compiled = torch.compile(pipe.unet, fullgraph=True, dynamic=False, backend="eager")
     with torch.no_grad():
         assert torch.equal(compiled(x, t, context, y), pipe.unet(x, t, context, y))
+
+
+def test_cpu_compile_freezes_the_unet_alone(tmp_path, monkeypatch):
+    """On a CPU only the UNet gains from inductor (with freezing); the VAE decoder measured slower compiled."""
+    pipe = tiny_pipeline(tmp_path)
+    compiled = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: compiled.append(self))
+    for name, value in (("freezing", False), ("conv_1x1_as_mm", torch._inductor.config.conv_1x1_as_mm)):
+        monkeypatch.setattr(torch._inductor.config, name, value)  # restored after the test
+    monkeypatch.setattr(torch._dynamo.config, "cache_size_limit", torch._dynamo.config.cache_size_limit)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    speed.compile_models(pipe)
+    assert compiled == [pipe.unet] and torch._inductor.config.freezing
