@@ -166,3 +166,13 @@ def test_a_chosen_default_size_must_fit_under_max_side(monkeypatch, capsys):
     monkeypatch.setenv("SDTURBO_DEFAULT_SIDE_PX", "512")
     assert serve_main(parse("--max-side", "256")) == 2
     assert "error: --max-side 256 is below SDTURBO_DEFAULT_SIDE_PX 512" in capsys.readouterr().err
+
+
+def test_compile_runs_the_default_size_before_serving(capsys):
+    from sdturbo.serve.command import compile_default_size, with_model_default_size
+
+    calls = []
+    settings = with_model_default_size(settings_from_args(parse("--compile")), 64)
+    compile_default_size(lambda prompt, **kw: calls.append(kw), settings)
+    assert calls == [{"height": 64, "width": 64, "seed": 0, "output_type": "pil"}]
+    assert "compiling for 64x64" in capsys.readouterr().err

@@ -160,6 +160,15 @@ def with_model_default_size(settings, native_side_px: int):
     return settings.model_copy(update={"default_side_px": native_side_px})
 
 
+def compile_default_size(pipeline, settings) -> None:
+    """With --compile, the first image at a size compiles for minutes: do it before listening, for the size requests
+    get by default, so the first user is not the one who waits (or times out). Other sizes and batch sizes still
+    compile on first use."""
+    side = settings.default_side_px
+    print(f"sdturbo serve: compiling for {side}x{side} (minutes without a warm compile cache) ...", file=sys.stderr)
+    pipeline("compile", height=side, width=side, seed=0, output_type="pil")
+
+
 def serve_main(args: argparse.Namespace) -> int:
     """Load the model, then serve until interrupted. Returns the process exit code."""
     import uvicorn
@@ -190,6 +199,8 @@ def serve_main(args: argparse.Namespace) -> int:
 
         optimize(pipeline, compile=settings.compile)
     settings = with_model_default_size(settings, pipeline.native_side_px)
+    if settings.compile:
+        compile_default_size(pipeline, settings)
     engine = Engine(pipeline, settings.max_batch, settings.max_queue, settings.request_timeout_s)
     config = uvicorn.Config(
         create_app(settings, engine),
