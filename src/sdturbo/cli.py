@@ -72,8 +72,9 @@ def add_speed_arguments(p: argparse.ArgumentParser) -> None:
                    help="the fast path (sdturbo.speed.optimize; on by default): exact rewrites, same images within "
                    "rounding, no start-up cost; --no-fast runs the plain path that the diffusers parity tests check")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
-                   help="also torch.compile the networks (implies --fast): faster on GPU, but the first call of each "
-                   "size compiles for minutes unless the cache (~/.cache/sdturbo/inductor) is warm")
+                   help="also torch.compile the networks (implies --fast; on a CPU the UNet alone): faster per image, but "
+                   "the first call of each size compiles for minutes unless the cache (~/.cache/sdturbo/inductor) is "
+                   "warm")
     p.add_argument("--compile-mode", default=None,
                    choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
                    help="torch.compile mode (default: reduce-overhead, i.e. CUDA graphs, on a GPU)")
