@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sdturbo import cli, output, pipeline, sampling
+from sdturbo import cli, output, pipeline
 from sdturbo.cli import main
 
 
@@ -155,8 +155,7 @@ def test_help_states_the_limits(capsys):
     assert "with --image, the image's size rounded down to multiples of 8" in help_text
 
 
-def test_the_cli_limits_are_the_pipelines():
-    assert cli.MAX_STEPS == sampling.MAX_STEPS and cli.MAX_SIDE_PX == pipeline.MAX_SIDE_PX
+def test_the_vae_factor_the_cli_checks_is_the_models():
     assert cli.VAE_FACTOR == pipeline.SDXL_TURBO.vae.downscale_factor
 
 

@@ -10,14 +10,10 @@ import time
 import warnings
 from pathlib import Path
 
+from .limits import MAX_IMAGES_PER_PROMPT, MAX_SIDE_PX, MAX_STEPS, VAE_FACTOR
 from .serve import add_serve_arguments, serve_main
 
 DEFAULT_MODEL = "stabilityai/sdxl-turbo"
-# The pipeline's limits, checked here too so that a typo fails before a 7 GB model loads.
-MAX_IMAGES = 64
-MAX_STEPS = 50
-MAX_SIDE_PX = 2048
-VAE_FACTOR = 8  # every model sdturbo loads has SDXL's VAE downsampling
 SEED_LIMIT = 2**64  # torch generators take seeds below it
 SUBSTEP_SEED_LIMIT = 2**32  # numpy's RandomState, for --schedule substep, takes seeds below it
 DEFAULT_STRENGTH = 0.5
@@ -45,7 +41,7 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=1,
                    help=f"sampling steps, 1-4 for turbo models, at most {MAX_STEPS} (default 1)")
     p.add_argument("--seed", type=int, default=None, help="image i uses seed + i; random (and printed) if omitted")
-    p.add_argument("--n", type=int, default=1, help=f"number of images, 1 to {MAX_IMAGES}")
+    p.add_argument("--n", type=int, default=1, help=f"number of images, 1 to {MAX_IMAGES_PER_PROMPT}")
     p.add_argument("--size", type=_parse_size, default=None,
                    help=f"WIDTHxHEIGHT, multiples of 8 up to {MAX_SIDE_PX} (default: the model's; with --image, the "
                    "image's size rounded down to multiples of 8)")
@@ -82,8 +78,8 @@ def add_speed_arguments(p: argparse.ArgumentParser) -> None:
 
 def check_generate_arguments(args: argparse.Namespace) -> None:
     """The checks that need no model, so that they fail in milliseconds rather than after the load."""
-    if not 1 <= args.n <= MAX_IMAGES:
-        raise UserError(f"--n must be from 1 to {MAX_IMAGES}, got {args.n}")
+    if not 1 <= args.n <= MAX_IMAGES_PER_PROMPT:
+        raise UserError(f"--n must be from 1 to {MAX_IMAGES_PER_PROMPT}, got {args.n}")
     if not 1 <= args.steps <= MAX_STEPS:
         raise UserError(f"--steps must be from 1 to {MAX_STEPS} (1-4 for turbo models), got {args.steps}")
     if args.size and not all(VAE_FACTOR <= v <= MAX_SIDE_PX and v % VAE_FACTOR == 0 for v in args.size):
@@ -236,7 +232,7 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=1, help="untimed repetitions first")
     p.add_argument("--steps", type=int, nargs="+", default=[1, 4],
                    help=f"end-to-end step counts to time, each 1 to {MAX_STEPS}")
-    p.add_argument("--batch", type=int, default=1, help=f"images per call, 1 to {MAX_IMAGES}")
+    p.add_argument("--batch", type=int, default=1, help=f"images per call, 1 to {MAX_IMAGES_PER_PROMPT}")
     p.add_argument("--size", type=int, default=None,
                    help=f"square image side in pixels, a multiple of 8 from {BENCH_MIN_SIDE_PX} to {MAX_SIDE_PX} "
                    f"(default {BENCH_SIDE_PX['official']}; --config small runs at {BENCH_SIDE_PX['small']} only)")
@@ -249,7 +245,6 @@ def run_bench(args: argparse.Namespace) -> None:
     import json
 
     from .bench import format_table, run_bench as bench
-
     from .output import check_writable
 
     check_bench_arguments(args)
@@ -276,8 +271,8 @@ def run_bench(args: argparse.Namespace) -> None:
 def check_bench_arguments(args: argparse.Namespace) -> None:
     if args.runs < 1 or args.warmup < 0:
         raise UserError("--runs must be at least 1 and --warmup at least 0")
-    if not 1 <= args.batch <= MAX_IMAGES:
-        raise UserError(f"--batch must be from 1 to {MAX_IMAGES}, got {args.batch}")
+    if not 1 <= args.batch <= MAX_IMAGES_PER_PROMPT:
+        raise UserError(f"--batch must be from 1 to {MAX_IMAGES_PER_PROMPT}, got {args.batch}")
     for steps in args.steps:
         if not 1 <= steps <= MAX_STEPS:
             raise UserError(f"--steps must each be from 1 to {MAX_STEPS}, got {steps}")

@@ -21,6 +21,7 @@ from PIL import Image
 
 from . import sampling
 from .devices import resolve_device, resolve_dtype
+from .limits import MAX_IMAGES_PER_PROMPT, MAX_SIDE_PX
 from .models.configs import SDXL_TURBO, ModelSpec
 from .models.unet import make_y
 from .models.vae import sample_latent, vae_compute_dtype
@@ -31,7 +32,6 @@ OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 # What a step callback may ask for: diffusers' "latents" (x after the step) and our "denoised" (its x0 estimate).
 CALLBACK_TENSOR_INPUTS = ("latents", "denoised")
 MINI_MODEL_DIR = Path(__file__).parent / "assets" / "mini"  # sdturbo-mini, trained by `sdturbo train mini`
-MAX_SIDE_PX = 2048
 MAX_GUIDANCE_SCALE = 100  # far above any useful value (turbo: 0; SDXL: 5-15); 1e38 overflows to NaN
 PROMPT_CACHE_SIZE = 32  # encode_prompt results kept; each is ~0.3 MB in 16-bit
 ENCODE_CACHE_SIZE = 4  # VAE encodings of img2img inputs kept; ~0.1 MB each at 512x512
@@ -164,7 +164,7 @@ class TurboPipeline:
         image: PIL image(s), or a float [B,3,H,W] tensor in [0, 1] (or in [-1, 1] where it has values below 0, as
         diffusers takes it). strength is checked with or without an image, but only an image uses it."""
         prompts = _as_prompt_list(prompt, "prompt")
-        n = _check_int(num_images_per_prompt, "num_images_per_prompt", 1, 64)
+        n = _check_int(num_images_per_prompt, "num_images_per_prompt", 1, MAX_IMAGES_PER_PROMPT)
         steps = _check_int(num_inference_steps, "num_inference_steps", 1, sampling.MAX_STEPS)
         batch = len(prompts) * n
         negative_prompts = _negative_prompts(negative_prompt, len(prompts))

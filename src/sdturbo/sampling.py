@@ -11,11 +11,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .limits import MAX_STEPS
+
 NUM_TRAIN_TIMESTEPS = 1000
 BETA_START, BETA_END = 0.00085, 0.012
 SCHEDULES = ("trailing", "substep")
 SUBSTEP_TIMESTEPS = (999, 899, 799, 699)  # generative-models scripts/demo/turbo.py: indices 0/100/200/300
-MAX_STEPS = 50
 
 
 def alphas_cumprod(dtype: torch.dtype = torch.float32) -> torch.Tensor:
