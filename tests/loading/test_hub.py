@@ -100,3 +100,24 @@ def test_cached_snapshot_loads_offline(offline_hub, tiny_folder, tiny_state_dict
     assert c.spec == TINY and c.name == "org/tiny-sdxl"
     assert torch.equal(c.vae.decoder.conv_out.weight, tiny_state_dicts["vae"]["decoder.conv_out.weight"].half())
     assert c.tokenizer_2("a")[0, -1].item() == 0
+
+
+def test_tokenizer_repo_with_only_tokenizer_json(offline_hub, tiny_single_file, tokenizer_folders):
+    """transformers >= 5 saves a tokenizer as tokenizer.json alone: such a repository serves as tokenizer= too."""
+    transformers = pytest.importorskip("transformers")
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    snapshot = offline_hub / "models--org--tok-only" / "snapshots" / commit
+    for folder, name in zip(tokenizer_folders, ("tokenizer", "tokenizer_2")):
+        transformers.CLIPTokenizerFast.from_pretrained(folder).save_pretrained(snapshot / name)
+        for legacy in ("vocab.json", "merges.txt"):
+            (snapshot / name / legacy).unlink(missing_ok=True)
+        assert (snapshot / name / "tokenizer.json").is_file()
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text(commit)
+    c = load_components(tiny_single_file, tokenizer="org/tok-only")
+    assert c.tokenizer("a red circle")[0, :4].tolist() == [49406, 320, 736, 7117]
+
+
+def test_a_path_like_id_says_it_is_no_local_folder_either(offline_hub):
+    with pytest.raises(LoadError, match=r"^models/my-sdxl is no local folder or file; as a Hugging Face model id: "):
+        load_components("models/my-sdxl")

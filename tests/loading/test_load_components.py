@@ -100,16 +100,20 @@ def test_single_file_strictness_reports_unmapped_and_ignores_harmless_buffers(tm
         "conditioner.embedders.0.transformer.text_model.embeddings.position_ids": torch.arange(77.0)[None],
         "conditioner.embedders.1.model.logit_scale": torch.tensor(4.6),
         "denoiser.sigmas": torch.linspace(0.03, 14.6, 1000),
+        # sgm training checkpoints' EMA copy and a TE1 saved with its (unused) projection, as diffusers ignores them
+        "model_ema.decay": torch.tensor(0.999),
+        "model_ema.diffusion_modelinput_blocks00weight": torch.zeros(3),
+        "conditioner.embedders.0.transformer.text_projection.weight": torch.zeros(8, 8),
     }
     _rewrite(path, lambda t: t.update(harmless))
     assert_weights_equal(load_components(path, tokenizer=tiny_folder), tiny_state_dicts)
 
     def add_stray(t):
-        t["model_ema.decay"] = torch.tensor(0.999)
+        t["cond_stage_model.decay"] = torch.tensor(0.999)
         del t["first_stage_model.encoder.mid.attn_1.k.bias"]
 
     _rewrite(path, add_stray)
-    expected = r"1 missing \[vae.encoder.mid_block.attentions.0.to_k.bias\]; 1 unexpected \[model_ema.decay\]"
+    expected = r"1 missing \[vae.encoder.mid_block.attentions.0.to_k.bias\]; 1 unexpected \[cond_stage_model.decay\]"
     with pytest.raises(LoadError, match=expected):
         load_components(path, tokenizer=tiny_folder)
 
@@ -215,3 +219,57 @@ def test_cuda_without_a_gpu_says_how_to_pick_the_cpu_from_python_and_the_command
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(ValueError, match=r"device 'cuda:1' was asked for but this machine has 1 CUDA GPU\(s\)"):
         load_components(tiny_folder, device="cuda:1")
+
+
+def test_vae_attention_stored_as_linear_loads(tmp_path, tiny_state_dicts, tiny_folder):
+    """Some converters keep a diffusers VAE's [C, C] attention weights in sgm files (diffusers loads them too)."""
+    path = save_single_file(tmp_path / "x.safetensors", tiny_state_dicts, TINY)
+
+    def squeeze(t):
+        for key in [k for k in t if ".mid.attn_1." in k and k.endswith(".weight") and t[k].dim() == 4]:
+            t[key] = t[key][:, :, 0, 0].contiguous()
+
+    _rewrite(path, squeeze)
+    assert_weights_equal(load_components(path, tokenizer=tiny_folder), tiny_state_dicts)
+
+
+def test_inpainting_unet_is_refused_at_load(tmp_path, tiny_state_dicts, tiny_folder):
+    """A 9-channel (inpainting) UNet loaded before and failed at the first image."""
+    path = save_single_file(tmp_path / "x.safetensors", tiny_state_dicts, TINY)
+    key = "model.diffusion_model.input_blocks.0.0.weight"
+    _rewrite(path, lambda t: t.update({key: torch.cat([t[key], torch.zeros_like(t[key])[:, :1].repeat(1, 5, 1, 1)], 1)}))
+    refused = r"the UNet takes 9 and predicts 4 channels, the VAE's latents have 4: not a text-to-image SDXL UNet"
+    with pytest.raises(LoadError, match=refused):
+        load_components(path, tokenizer=tiny_folder)
+    folder = shutil.copytree(tiny_folder, tmp_path / "inpaint")
+    config = json.loads((folder / "unet" / "config.json").read_text())
+    (folder / "unet" / "config.json").write_text(json.dumps({**config, "in_channels": 9}))
+    with pytest.raises(LoadError, match=refused):
+        load_components(folder)
+
+
+def test_cross_attention_width_must_fit_the_text_encoders(tmp_path, tiny_folder):
+    folder = shutil.copytree(tiny_folder, tmp_path / "odd")
+    config = json.loads((folder / "unet" / "config.json").read_text())
+    (folder / "unet" / "config.json").write_text(json.dumps({**config, "cross_attention_dim": 64}))
+    with pytest.raises(LoadError, match=r"cross-attention width 64 is not the text encoders' \d+ \+ \d+"):
+        load_components(folder)
+
+
+def test_pickles_are_named_whatever_their_file_name(tmp_path, tiny_single_file, tiny_folder):
+    renamed = tmp_path / "model.safetensors"
+    torch.save({"w": torch.zeros(1)}, renamed)  # never loaded: the test only writes it
+    with pytest.raises(LoadError, match="model.safetensors is a pickle file"):
+        load_components(renamed, tokenizer=tiny_folder)
+    with pytest.raises(LoadError, match="MODEL.CKPT is a pickle file"):
+        load_components(tmp_path / "MODEL.CKPT", tokenizer=tiny_folder)
+    upper = shutil.copy(tiny_single_file, tmp_path / "X.SAFETENSORS")
+    assert load_components(upper, tokenizer=tiny_folder).spec == TINY
+
+
+def test_pickle_hint_converts_to_the_name_the_loader_reads(tmp_path, tiny_folder):
+    folder = shutil.copytree(tiny_folder, tmp_path / "bin")
+    (folder / "text_encoder" / "model.safetensors").unlink()
+    (folder / "text_encoder" / "pytorch_model.bin").write_bytes(b"not read")
+    with pytest.raises(LoadError, match=r"s.save_file\(sd.get\('state_dict', sd\), '.*text_encoder/model.safetensors'\)"):
+        load_components(folder)

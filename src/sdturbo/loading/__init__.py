@@ -30,9 +30,9 @@ from .diffusers_folder import (
 from .hub import DEFAULT_REPO, resolve_hub_id, resolve_tokenizer_folder
 from .keymaps import (
     COMPONENTS,
-    IGNORED_SGM_KEYS,
     LoadError,
     diffusers_to_sgm,
+    is_ignored_sgm_key,
     name_list,
     sgm_to_diffusers,
     unmapped_sgm_keys,
@@ -120,10 +120,13 @@ def _diffusers_folder(source: str | Path, variant: str | None) -> Path | None:
             raise LoadError(f"{source} is not a diffusers model folder (no model_index.json, unet/ or vae/ in it); "
                             "pass the folder that holds them, or a single .safetensors file")
         return path
-    if path.is_file() or path.suffix in (".safetensors", *PICKLE_SUFFIXES):
+    if path.is_file() or path.suffix.lower() in (".safetensors", *PICKLE_SUFFIXES):
         return None
     if HUB_ID.fullmatch(str(source)):
-        return resolve_hub_id(str(source), variant)
+        try:
+            return resolve_hub_id(str(source), variant)
+        except LoadError as e:  # "models/my-sdxl" may be a mistyped local path as well as an id
+            raise LoadError(f"{source} is no local folder or file; as a Hugging Face model id: {e}") from None
     # "mini", the bundled model, is a name TurboPipeline.from_pretrained takes only spelt exactly so
     hint = "; did you mean mini?" if str(source).lower() == "mini" else ""
     raise LoadError(f"{source} is neither a folder, a .safetensors file nor a Hugging Face model id{hint}")
@@ -148,8 +151,8 @@ def _read_single_file(
     except LoadError as e:
         raise LoadError(f"{path}: {e}") from None
     unmapped = unmapped_sgm_keys(shapes, spec)
-    skipped = set(unmapped) | IGNORED_SGM_KEYS
-    tensors = read_tensors(path, [k for k in shapes if k not in skipped], dtype, device)
+    skipped = set(unmapped)
+    tensors = read_tensors(path, [k for k in shapes if k not in skipped and not is_ignored_sgm_key(k)], dtype, device)
     return spec, sgm_to_diffusers(tensors, spec), unmapped
 
 

@@ -20,7 +20,7 @@ from ..models.vae import vae_config_from_diffusers, vae_config_to_diffusers
 from ..sampling import BETA_END, BETA_START, NUM_TRAIN_TIMESTEPS
 from ..tokenizer import CLIPTokenizer
 from .keymaps import COMPONENTS, IGNORED_DIFFUSERS_KEYS, LoadError, StateDict
-from .single_file import PICKLE_SUFFIXES, is_like, kind_of, read_header, read_tensors, refuse_pickle, state_dict_of
+from .single_file import is_like, is_pickle_name, kind_of, read_header, read_tensors, refuse_pickle, state_dict_of
 
 WEIGHT_NAMES = {
     "unet": "diffusion_pytorch_model.safetensors",
@@ -168,7 +168,10 @@ def read_folder_spec(folder: str | Path) -> ModelSpec:
             configs[name] = reader(config)
         except (KeyError, TypeError, ValueError) as e:
             raise LoadError(f"{path} is not a supported SDXL config: {type(e).__name__}: {e}") from None
-    return ModelSpec(**configs)
+    try:
+        return ModelSpec(**configs)
+    except ValueError as e:
+        raise LoadError(f"{folder}: {e}") from None
 
 
 def check_eos_token_ids(folder: Path, eos_token_ids: tuple[int, int]) -> None:
@@ -212,7 +215,7 @@ def weight_files(component_dir: Path, filename: str, variant: str | None) -> lis
         index = component_dir / with_variant(filename + ".index.json", v)
         if index.is_file():
             return [component_dir / shard for shard in _shards(index)]
-    pickles = sorted(p for p in component_dir.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    pickles = sorted(p for p in component_dir.iterdir() if is_pickle_name(p))
     if pickles:
         raise refuse_pickle(pickles[0])
     names = " or ".join(with_variant(filename, v) for v in variant_order(variant))

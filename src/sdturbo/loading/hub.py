@@ -86,6 +86,10 @@ def resolve_tokenizer_folder(repo_id: str = DEFAULT_REPO) -> Path:
     alternative = "pass tokenizer= a folder holding tokenizer/ and tokenizer_2/ (or one vocab.json and merges.txt)"
     folder = download(repo_id, TOKENIZER_PATTERNS, alternative)
     for name in TOKENIZER_FOLDERS:
-        if not (folder / name / "vocab.json").is_file():
-            raise LoadError(f"{repo_id} has no {name}/vocab.json (cached in {folder}); pass tokenizer= a folder")
+        # transformers >= 5 saves tokenizer.json alone; older versions vocab.json + merges.txt
+        if not any((folder / name / f).is_file() for f in ("vocab.json", "tokenizer.json")):
+            raise LoadError(
+                f"{repo_id} has no {name}/vocab.json or {name}/tokenizer.json (cached in {folder}); "
+                "pass tokenizer= a folder"
+            )
     return folder

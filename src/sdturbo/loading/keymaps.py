@@ -30,8 +30,18 @@ IGNORED_SGM_KEYS = frozenset(
         "conditioner.embedders.0.transformer.text_model.embeddings.position_ids",
         "conditioner.embedders.1.model.logit_scale",
         "denoiser.sigmas",
+        # CLIP ViT-L saved as CLIPTextModelWithProjection: SDXL uses its hidden states, never the projection
+        "conditioner.embedders.0.transformer.text_projection.weight",
     }
 )
+# sgm training checkpoints carry the EMA copy of the UNet beside it; the weights are model.diffusion_model.*, as in
+# diffusers' from_single_file
+IGNORED_SGM_PREFIXES = ("model_ema.",)
+
+
+def is_ignored_sgm_key(key: str) -> bool:
+    """Tensors a single file may carry that no SDXL component uses (spec 9, item 12, and the EMA copy)."""
+    return key in IGNORED_SGM_KEYS or key.startswith(IGNORED_SGM_PREFIXES)
 IGNORED_DIFFUSERS_KEYS = frozenset({"text_model.embeddings.position_ids"})
 
 
@@ -65,7 +75,9 @@ def _first(ts: tuple[torch.Tensor, ...]) -> torch.Tensor:
 
 
 def _squeeze_1x1(t: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    return (t[:, :, 0, 0],)  # sgm VAE attention uses 1x1 convs [C,C,1,1], diffusers uses Linear [C,C]
+    # sgm VAE attention uses 1x1 convs [C,C,1,1], diffusers uses Linear [C,C]; files converted from a diffusers VAE
+    # by some tools keep the [C,C] layout, which diffusers' from_single_file loads as well
+    return (t[:, :, 0, 0],) if t.dim() == 4 else (t,)
 
 
 def _unsqueeze_1x1(ts: tuple[torch.Tensor, ...]) -> torch.Tensor:
@@ -293,11 +305,11 @@ def _map_diffusers_key(key: str, rules: list[Rule]) -> tuple[str, int, int, Code
 def _plan_sgm(keys: Iterable[str], spec: ModelSpec) -> tuple[dict[str, tuple[str, tuple[str, ...], Codec]], list[str]]:
     """sgm key -> (component, diffusers keys, transform) for every mappable key, and the keys no rule maps.
 
-    Ignored buffers (IGNORED_SGM_KEYS) appear in neither."""
+    Ignored keys (is_ignored_sgm_key) appear in neither."""
     rules = {name: _most_specific_first(rs, "sgm") for name, rs in component_rules(spec).items()}
     plan, unmapped = {}, []
     for key in keys:
-        if key in IGNORED_SGM_KEYS:
+        if is_ignored_sgm_key(key):
             continue
         name = next((n for n, p in SGM_PREFIXES.items() if key.startswith(p)), None)
         mapped = None if name is None else _map_sgm_key(key[len(SGM_PREFIXES[name]) :], rules[name])
@@ -316,7 +328,7 @@ def unmapped_sgm_keys(keys: Iterable[str], spec: ModelSpec) -> list[str]:
 def sgm_to_diffusers(state_dict: StateDict, spec: ModelSpec) -> dict[str, dict[str, torch.Tensor]]:
     """sgm single-file state dict -> {"unet", "text_encoder", "text_encoder_2", "vae"} diffusers state dicts.
 
-    Ignorable buffers (IGNORED_SGM_KEYS) are dropped; raises LoadError naming the keys no rule maps."""
+    Ignorable keys (is_ignored_sgm_key) are dropped; raises LoadError naming the keys no rule maps."""
     plan, unmapped = _plan_sgm(state_dict, spec)
     if unmapped:
         raise LoadError(f"{len(unmapped)} keys belong to no SDXL component: {name_list(unmapped)}")

@@ -15,7 +15,7 @@ from torch import nn
 from ..models.configs import SDXL_TURBO, ModelSpec, TextEncoderConfig, UNetConfig, VAEConfig
 from .keymaps import SGM_PREFIXES, LoadError, StateDict, diffusers_to_sgm
 
-PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle")
 SAMPLE_SIZE_KEY = "sdturbo.sample_size"  # our metadata: the default latent size is not in the weights
 # The spec values that tensor shapes do not give (sgm keeps them in its yaml config): our files record them in the
 # metadata as JSON, under sdturbo.{component}.{field}; files without them get SDXL-Turbo's.
@@ -31,9 +31,17 @@ NORM_GROUPS = 32  # sgm's UNet and VAE hard-code GroupNorm(32, ...)
 Shapes = Mapping[str, Sequence[int]]
 
 
+def is_pickle_name(path: Path) -> bool:
+    return path.suffix.lower() in PICKLE_SUFFIXES
+
+
 def refuse_pickle(path: Path) -> LoadError:
-    """The error for a pickle checkpoint, with the one-off conversion that makes it loadable."""
-    target = path.with_suffix(".safetensors")
+    """The error for a pickle checkpoint, with the one-off conversion that makes it loadable: to the name the loader
+    looks for (transformers' pytorch_model*.bin become model*.safetensors, diffusers' keep their stem)."""
+    name = path.name
+    if name.startswith("pytorch_model"):
+        name = "model" + name[len("pytorch_model") :]
+    target = path.with_name(name).with_suffix(".safetensors")
     convert = (
         f"python -c \"import torch, safetensors.torch as s; sd = torch.load('{path}', weights_only=True); "
         f"s.save_file(sd.get('state_dict', sd), '{target}')\""
@@ -63,7 +71,19 @@ def kind_of(like) -> str:
 
 
 def _corrupt(path: Path, error: Exception) -> LoadError:
+    if _starts_like_pickle(path):  # renamed, or a .bin shard named in an index
+        return refuse_pickle(path)
     return LoadError(f"weights file {path} is corrupt or truncated ({error}); re-download it")
+
+
+def _starts_like_pickle(path: Path) -> bool:
+    """torch.save's two formats: a zip archive (since torch 1.6), or a bare pickle (protocol 2+ starts with 0x80)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        return False
+    return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
 
 
 def read_header(path: str | Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
@@ -108,11 +128,11 @@ def _convert(t: torch.Tensor, dtype: torch.dtype | None, device: torch.device | 
 
 def check_safetensors_path(path: Path) -> None:
     """A readable .safetensors file, or a LoadError saying what is wrong with `path`."""
-    if path.suffix in PICKLE_SUFFIXES:
+    if is_pickle_name(path):
         raise refuse_pickle(path)
     if not path.is_file():
         raise LoadError(f"weights file {path} does not exist")
-    if path.suffix != ".safetensors":
+    if path.suffix.lower() != ".safetensors":
         raise LoadError(f"{path} is not a .safetensors file")
 
 
@@ -126,7 +146,10 @@ def _component(shapes: Shapes, name: str) -> dict[str, tuple[int, ...]]:
 
 def _shape(shapes: Shapes, key: str) -> tuple[int, ...]:
     if key not in shapes:
-        raise LoadError(f"cannot infer the SDXL architecture: tensor {key} is missing")
+        # diffusers' convert_diffusers_to_original_sdxl.py writes TE2's projection as text_projection.weight
+        found = f" (the file has {key}.weight {list(shapes[key + '.weight'])}: a Linear layout some converters write; " \
+            "load the diffusers folder it was converted from instead)" if key + ".weight" in shapes else ""
+        raise LoadError(f"cannot infer the SDXL architecture: tensor {key} is missing{found}")
     return tuple(shapes[key])
 
 
@@ -253,7 +276,7 @@ def infer_spec(
     metadata = metadata or {}
     try:
         text_encoder_2 = _open_clip_config(_component(shapes, "text_encoder_2"), metadata)
-        return ModelSpec(
+        configs = dict(
             unet=_unet_config(_component(shapes, "unet"), text_encoder_2.projection_dim, metadata),
             text_encoder=_clip_config(_component(shapes, "text_encoder"), metadata),
             text_encoder_2=text_encoder_2,
@@ -261,6 +284,10 @@ def infer_spec(
         )
     except ValueError as e:  # a config's own check: values from the metadata that do not fit the shapes
         raise LoadError(f"the sdturbo.* metadata does not fit the tensors: {e}") from None
+    try:
+        return ModelSpec(**configs)
+    except ValueError as e:
+        raise LoadError(str(e)) from None
 
 
 # -- writing ---------------------------------------------------------------------------------------------------

@@ -77,6 +77,28 @@ class ModelSpec:
     text_encoder_2: TextEncoderConfig
     vae: VAEConfig
 
+    def __post_init__(self):
+        """The components must fit each other as in SDXL's text-to-image pipeline (an inpainting UNet, for one,
+        takes 9 channels: latents, mask and masked image)."""
+        unet, latent = self.unet, self.vae.latent_channels
+        if unet.in_channels != latent or unet.out_channels != latent:
+            raise ValueError(
+                f"the UNet takes {unet.in_channels} and predicts {unet.out_channels} channels, the VAE's latents have "
+                f"{latent}: not a text-to-image SDXL UNet (inpainting and other conditioned UNets are not supported)"
+            )
+        widths = (self.text_encoder.hidden_size, self.text_encoder_2.hidden_size)
+        if unet.context_dim != sum(widths):
+            raise ValueError(
+                f"the UNet's cross-attention width {unet.context_dim} is not the text encoders' {widths[0]} + "
+                f"{widths[1]}"
+            )
+        pooled = self.text_encoder_2.projection_dim
+        if pooled is None or unet.adm_in_channels != pooled + 6 * unet.addition_time_embed_dim:
+            raise ValueError(
+                f"the UNet's added-condition width {unet.adm_in_channels} is not the second text encoder's pooled "
+                f"width {pooled} + 6 x {unet.addition_time_embed_dim}"
+            )
+
 
 SDXL_TURBO = ModelSpec(
     unet=UNetConfig(
