@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -176,3 +177,56 @@ def test_compile_runs_the_default_size_before_serving(capsys):
     compile_default_size(lambda prompt, **kw: calls.append(kw), settings)
     assert calls == [{"height": 64, "width": 64, "seed": 0, "output_type": "pil"}]
     assert "compiling for 64x64" in capsys.readouterr().err
+
+
+SLOW_SERVER = """
+import sys
+sys.path.insert(0, {tests!r})
+from fake_pipeline import FakePipeline
+from sdturbo.pipeline import TurboPipeline
+pipe = FakePipeline(delay_s=60)
+pipe.native_side_px = 64
+TurboPipeline.from_pretrained = staticmethod(lambda *a, **k: pipe)
+from sdturbo.cli import main
+sys.exit(main(["serve", "--model", "fake", "--no-fast", "--port", sys.argv[1]]))
+"""
+
+
+@pytest.mark.parametrize("signal_name", ["SIGINT", "SIGTERM"])
+def test_stopping_mid_generation_answers_503_and_exits_without_waiting_for_the_model(signal_name):
+    """Ctrl+C or SIGTERM while a (60 s) image is being made: the open request gets a JSON 503 at once and the
+    process ends in seconds, not when the model thread's call returns."""
+    import signal
+    from pathlib import Path
+
+    port = free_port()
+    script = SLOW_SERVER.format(tests=str(Path(__file__).parent))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script, str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                if httpx.get(url + "/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the server did not come up"
+            time.sleep(0.1)
+        with ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(httpx.post, url + "/v1/images/generations", json={"prompt": "slow"}, timeout=30)
+            time.sleep(1.0)  # the request is in the model thread now
+            started = time.monotonic()
+            proc.send_signal(getattr(signal, signal_name))
+            response = pending.result()
+        assert response.status_code == 503
+        assert response.json()["error"]["message"] == "the server is shutting down; retry when it is back"
+        code = proc.wait(timeout=15)
+        assert time.monotonic() - started < 15
+        assert code == (130 if signal_name == "SIGINT" else -signal.SIGTERM)
+    finally:
+        proc.kill()
+        proc.wait()

@@ -14,6 +14,7 @@ from sdturbo.serve.engine import (
     InvalidJob,
     Job,
     QueueFull,
+    ShuttingDown,
 )
 
 from fake_pipeline import FakePipeline, expected_image
@@ -223,3 +224,31 @@ def test_previews_reach_only_the_jobs_that_ask_and_never_fail_a_job(caplog):
     assert caplog.text.count("engine: preview sink failed") == 2  # the engine's log, not asyncio's "Exception in"
     for j, gen in zip(jobs, results, strict=True):
         assert all(same_pixels(a, b) for a, b in zip(gen.images, expected(j), strict=True))
+
+
+def test_close_answers_queued_and_running_jobs_at_once_and_refuses_new_ones():
+    async def scenario(engine):
+        running = engine.submit(job("running"))
+        queued = engine.submit(job("queued", steps=2))  # another call: still queued while the first runs
+        await asyncio.sleep(0.1)
+        assert engine.busy and engine.queue_depth == 1
+        engine.close_soon()  # as the server's signal handler calls it
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        outcomes = await asyncio.gather(engine.wait(running), engine.wait(queued), return_exceptions=True)
+        assert loop.time() - started < 0.5  # not after the 2 s call
+        assert [type(o) for o in outcomes] == [ShuttingDown, ShuttingDown]
+        assert engine.queue_depth == 0 and engine.busy
+        with pytest.raises(ShuttingDown, match="the server is shutting down"):
+            engine.submit(job("late"))
+
+    run(scenario, FakePipeline(delay_s=2))
+
+
+def test_a_timeout_retry_after_counts_the_batch_still_running():
+    async def scenario(engine):
+        with pytest.raises(GenerationTimeout) as e:
+            await engine.generate(job())
+        return e.value.retry_after_s
+
+    assert run(scenario, FakePipeline(delay_s=3), timeout_s=1.2) >= 2  # 1.2 s run, so ~1.2 s more expected

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import base64
 import json
+import socket
+import time
 
 import httpx
 import pytest
@@ -167,3 +169,47 @@ def test_request_bodies_are_bounded(start_server):
             yield b" " * 1000
 
     assert_error(httpx.post(url, content=chunks(), headers={"content-type": "application/json"}), 413, "body")
+
+
+def _raw_request(url: str, head: str, body: bytes = b"") -> socket.socket:
+    """A raw HTTP/1.1 request whose body may stop short of its Content-Length."""
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=10)
+    sock.sendall(head.encode() + b"\r\n" + body)
+    return sock
+
+
+def _status_of(sock: socket.socket) -> int:
+    return int(sock.recv(65536).split(b" ", 2)[1])
+
+
+def test_a_request_without_the_key_is_refused_before_its_body_arrives(keyed_server):
+    """401 while the declared 5 MB body is still unsent: a client without the key cannot make the server buffer."""
+    head = (
+        "POST /v1/images/generations HTTP/1.1\r\nHost: 127.0.0.1\r\ncontent-type: application/json\r\n"
+        "content-length: 5000000\r\n"
+    )
+    started = time.monotonic()
+    with _raw_request(keyed_server.url, head) as sock:
+        assert _status_of(sock) == 401
+    assert time.monotonic() - started < 5
+
+
+def test_a_body_that_stops_arriving_gets_408_after_the_request_timeout(start_server):
+    s = start_server(request_timeout_s=0.5)
+    head = "POST /v1/images/generations HTTP/1.1\r\nHost: 127.0.0.1\r\ncontent-type: application/json\r\n"
+    with _raw_request(s.url, head + "content-length: 100\r\n", b'{"prompt": ') as sock:
+        assert _status_of(sock) == 408
+    metrics = httpx.get(s.url + "/metrics").text
+    assert 'sdturbo_requests_total{endpoint="unmatched",status="408"} 1.0' in metrics
+
+
+def test_a_client_that_leaves_mid_body_is_counted_499_not_500(start_server):
+    s = start_server()
+    head = "POST /v1/images/generations HTTP/1.1\r\nHost: 127.0.0.1\r\ncontent-type: application/json\r\n"
+    _raw_request(s.url, head + "content-length: 100\r\n", b'{"prompt": ').close()
+    deadline = time.monotonic() + 5
+    while 'status="499"' not in (metrics := httpx.get(s.url + "/metrics").text):
+        assert time.monotonic() < deadline, metrics
+        time.sleep(0.05)
+    assert 'status="500"' not in metrics

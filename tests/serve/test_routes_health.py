@@ -63,3 +63,8 @@ def test_unknown_route_and_method_are_json_errors(server):
     assert_error(httpx.get(server.url + "/nope"), 404, None)
     assert_error(httpx.get(server.url + "/v1/images/generations"), 405, None)
     assert httpx.get(server.url + "/static/../settings.py").status_code == 404
+
+
+def test_metrics_name_the_static_files_by_their_mount(server):
+    assert httpx.get(server.url + "/static/app.js").status_code == 200
+    assert 'sdturbo_requests_total{endpoint="/static",status="200"}' in httpx.get(server.url + "/metrics").text

@@ -213,3 +213,21 @@ def test_full_queue_is_reported_as_429(start_server):
         for ws in clients:
             ws.close()
     assert codes == [200, 200, 429]
+
+
+def test_a_request_abandoned_by_closing_the_socket_is_counted_499(start_server):
+    server = start_server(FakePipeline(delay_s=0.5), max_batch=1)
+    with connect(server) as ws:
+        send(ws, **generate(prompt="running when the client leaves"))
+        time.sleep(0.2)
+    with connect(server) as busy, connect(server) as ws:
+        send(busy, **generate(prompt="other client"))
+        time.sleep(0.1)
+        send(ws, **generate(prompt="queued when the client leaves"))
+        time.sleep(0.1)
+        ws.close()
+        receive(busy)
+    deadline = time.monotonic() + 5
+    while 'endpoint="/ws",status="499"} 2.0' not in (metrics := server.engine.metrics.render().decode()):
+        assert time.monotonic() < deadline, metrics
+        time.sleep(0.05)

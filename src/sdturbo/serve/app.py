@@ -12,14 +12,15 @@ from fastapi.staticfiles import StaticFiles
 from .deps import ApiKey
 from .engine import Engine
 from .errors import install_error_handlers
-from .guards import BodyLimit, HostGuard, OriginGuard, is_loopback
+from .guards import BodyLimit, HostGuard, KeyGuard, OriginGuard, is_loopback
 from .metrics import MetricsMiddleware
 from .routes import a1111, health, openai, page, ws
 from .settings import ServeSettings
 
 
 def _middleware(settings: ServeSettings, engine: Engine) -> list[Middleware]:
-    """Outermost first: count everything, answer CORS preflights, then refuse foreign hosts, origins, huge bodies."""
+    """Outermost first: count everything, answer CORS preflights, then refuse foreign hosts, origins, requests
+    without the key (before their body is read), huge or stalled bodies."""
     stack = [Middleware(MetricsMiddleware, metrics=engine.metrics)]
     if settings.allow_origins:
         stack.append(
@@ -34,7 +35,8 @@ def _middleware(settings: ServeSettings, engine: Engine) -> list[Middleware]:
     if is_loopback(settings.host) or settings.allowed_hosts:
         stack.append(Middleware(HostGuard, allowed_hosts=settings.allowed_hosts))
     stack.append(Middleware(OriginGuard, allow_origins=settings.allow_origins))
-    stack.append(Middleware(BodyLimit, max_bytes=settings.max_body_bytes))
+    stack.append(Middleware(KeyGuard, settings=settings))
+    stack.append(Middleware(BodyLimit, max_bytes=settings.max_body_bytes, timeout_s=settings.request_timeout_s))
     return stack
 
 

@@ -9,6 +9,7 @@ import argparse
 import errno
 import logging
 import os
+import signal
 import socket
 import sys
 
@@ -211,6 +212,28 @@ def serve_main(args: argparse.Namespace) -> int:
     )
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
     print(f"sdturbo serve: open http://{host}:{sock.getsockname()[1]}/", file=sys.stderr)
-    server = uvicorn.Server(config)
-    server.run(sockets=[sock])
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            """The first Ctrl+C/SIGTERM also closes the engine: open requests get a 503 at once rather than a
+            plain-text 500 when the grace period ends. A second Ctrl+C quits at once, as uvicorn's message says."""
+            if self.should_exit and sig == signal.SIGINT:
+                _exit_interrupted()
+            super().handle_exit(sig, frame)
+            engine.close_soon()
+
+    server = Server(config)
+    try:
+        server.run(sockets=[sock])
+    except KeyboardInterrupt:
+        if engine.busy:  # Python would join the model thread at exit, waiting for its batch (minutes on a CPU)
+            _exit_interrupted()
+        raise
     return 0 if server.started else 3  # 3: the app failed to start, uvicorn's code for it
+
+
+def _exit_interrupted() -> None:
+    """Leave without joining the model thread: a server has nothing left to save."""
+    print("interrupted", file=sys.stderr, flush=True)
+    os._exit(130)
+

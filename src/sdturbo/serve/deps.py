@@ -6,10 +6,8 @@ import secrets
 from typing import Annotated
 
 from fastapi import Depends
-from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from starlette.requests import HTTPConnection, Request
-from starlette.responses import Response
+from starlette.requests import HTTPConnection
 
 from .engine import Engine
 from .errors import ApiError
@@ -47,14 +45,13 @@ def bearer_token(authorization: str | None) -> str | None:
     return token.strip() if scheme.lower() == "bearer" and token.strip() else None
 
 
+WRONG_KEY = "missing or wrong API key: send the header 'Authorization: Bearer <key>'"
+WRONG_KEY_HEADERS = {"WWW-Authenticate": "Bearer"}
+
+
 def check_key(settings: ServeSettings, presented: str | None) -> None:
     if not key_matches(settings, presented):
-        raise ApiError(
-            401,
-            "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
-            "Authorization",
-            {"WWW-Authenticate": "Bearer"},
-        )
+        raise ApiError(401, WRONG_KEY, "Authorization", WRONG_KEY_HEADERS)
 
 
 async def require_api_key(
@@ -64,17 +61,3 @@ async def require_api_key(
 
 
 ApiKey = Depends(require_api_key)
-
-
-class KeyFirstRoute(APIRoute):
-    """FastAPI parses a request's body before it runs the route's dependencies, ApiKey included: routes that take a
-    body check the key first, so a request without it gets 401 and nothing about its body."""
-
-    def get_route_handler(self):
-        handle = super().get_route_handler()
-
-        async def handler(request: Request) -> Response:
-            check_key(request.app.state.settings, bearer_token(request.headers.get("authorization")))
-            return await handle(request)
-
-        return handler

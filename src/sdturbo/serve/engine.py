@@ -31,7 +31,13 @@ class QueueFull(Exception):
 
 
 class GenerationTimeout(Exception):
-    pass
+    def __init__(self, message: str, retry_after_s: int):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s  # the model may still be busy with the batch that took too long
+
+
+class ShuttingDown(Exception):
+    """The server is stopping: queued and running jobs are answered at once instead of cut off."""
 
 
 class InvalidJob(Exception):
@@ -104,15 +110,21 @@ class Engine:
         self.pipeline, self.max_batch, self.max_queue, self.timeout_s = pipeline, max_batch, max_queue, timeout_s
         self.metrics = metrics or ServeMetrics()
         self._queue: deque[Ticket] = deque()
+        self._running: list[Ticket] = []  # the batch handed to the model thread
+        self._model_busy = False  # set by the model thread itself: true until its call returns, even after stop()
+        self._closing = False
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._wakeup: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
         # One thread: the model runs one batch at a time and the event loop never waits on it.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sdturbo-model")
         self._batch_s = 1.0  # running mean of a batch's duration, for Retry-After
+        self._running_since: float | None = None
 
     # -- lifecycle ----------------------------------------------------------------------------------------------
 
     async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
         self._wakeup = asyncio.Event()
         self._worker = asyncio.create_task(self._run_forever(), name="sdturbo-engine")
 
@@ -125,6 +137,28 @@ class Engine:
         # Not waiting: a batch still running finishes in its thread, without holding up the event loop.
         self._executor.shutdown(wait=False, cancel_futures=True)
 
+    def close(self) -> None:
+        """Refuse new jobs and answer the waiting and running ones now (503), so a stopping server's open requests
+        get an error they can act on, not a connection cut at the end of the grace period. A batch already in the
+        model thread runs on, unseen."""
+        self._closing = True
+        stopping = ShuttingDown("the server is shutting down; retry when it is back")
+        for ticket in [*self._queue, *self._running]:
+            if not ticket.future.done():
+                ticket.future.set_exception(stopping)
+        self._queue.clear()
+        self.metrics.queue_depth.set(0)
+
+    def close_soon(self) -> None:
+        """close() from a signal handler or another thread."""
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self.close)
+
+    @property
+    def busy(self) -> bool:
+        """Whether the model thread is in a pipeline call."""
+        return self._model_busy
+
     @property
     def queue_depth(self) -> int:
         return len(self._queue)
@@ -134,6 +168,8 @@ class Engine:
     def submit(self, job: Job, on_preview: PreviewSink | None = None) -> Ticket:
         """on_preview: gets a small linear preview of the job's first image after every step (a live view shows it
         while the VAE decodes, the slow part on a CPU); the pipeline needs a preview_images method for it."""
+        if self._closing:
+            raise ShuttingDown("the server is shutting down; retry when it is back")
         if len(self._queue) >= self.max_queue:
             raise QueueFull(self.retry_after_s())
         ticket = Ticket(job, asyncio.get_running_loop().create_future(), on_preview=on_preview)
@@ -147,7 +183,8 @@ class Engine:
         try:
             return await asyncio.wait_for(ticket.future, self.timeout_s)
         except asyncio.TimeoutError:
-            raise GenerationTimeout(f"no result within the server's {self.timeout_s:g} s request timeout") from None
+            message = f"no result within the server's {self.timeout_s:g} s request timeout"
+            raise GenerationTimeout(message, self.retry_after_s()) from None
         finally:
             self._remove(ticket)
             ticket.future.cancel()
@@ -164,8 +201,15 @@ class Engine:
         return True
 
     def retry_after_s(self) -> int:
-        batches_ahead = math.ceil(len(self._queue) / self.max_batch) + 1
-        return max(1, math.ceil(batches_ahead * self._batch_s))
+        """Seconds until the work ahead of a new request is likely done: the queue, in batches of the mean duration,
+        and the running batch, which when overdue is expected to run as long again as it has (a timed-out request's
+        batch is overdue by definition)."""
+        running_s = 0.0
+        if self._running_since is not None:
+            elapsed = time.perf_counter() - self._running_since
+            running_s = max(self._batch_s - elapsed, elapsed)
+        queued_s = math.ceil(len(self._queue) / self.max_batch) * self._batch_s
+        return max(1, math.ceil(queued_s + running_s))
 
     def _remove(self, ticket: Ticket) -> None:
         try:
@@ -182,6 +226,7 @@ class Engine:
                 self._wakeup.clear()
                 await self._wakeup.wait()
             batch = self._take_batch()
+            self._running = batch
             try:
                 await self._run_batch(batch)
             except Exception:  # a bug here must not leave every later request waiting for its timeout
@@ -189,6 +234,8 @@ class Engine:
                 for ticket in batch:
                     if not ticket.future.done():
                         ticket.future.set_exception(GenerationFailed("generation failed: internal error"))
+            finally:
+                self._running, self._running_since = [], None
 
     def _take_batch(self) -> list[Ticket]:
         """The oldest job, plus every later one that can share its call, up to max_batch images (FIFO-fair)."""
@@ -206,11 +253,11 @@ class Engine:
         return batch
 
     async def _run_batch(self, batch: list[Ticket]) -> None:
-        started = time.perf_counter()
+        started = self._running_since = time.perf_counter()
         jobs = [t.job for t in batch]
         loop = asyncio.get_running_loop()
         sinks = [_threadsafe(loop, t.on_preview) if t.on_preview else None for t in batch]
-        outcomes = await loop.run_in_executor(self._executor, self._call_jobs, jobs, sinks)
+        outcomes = await loop.run_in_executor(self._executor, self._call_marked_busy, jobs, sinks)
         inference_s = time.perf_counter() - started
         images = sum(len(j.seeds) for j in jobs)
         self._batch_s = 0.8 * self._batch_s + 0.2 * inference_s
@@ -226,6 +273,13 @@ class Engine:
             ticket.future.set_result(Generation(images_, params, queue_ms, inference_s * 1000, images))
 
     # -- in the model thread ------------------------------------------------------------------------------------
+
+    def _call_marked_busy(self, jobs: list[Job], sinks: list[PreviewSink | None]) -> list:
+        self._model_busy = True
+        try:
+            return self._call_jobs(jobs, sinks)
+        finally:
+            self._model_busy = False
 
     def _call_jobs(self, jobs: list[Job], sinks: list[PreviewSink | None]) -> list[tuple[list, list] | Exception]:
         """Per job: (images, parameters) or the exception for it. One call for all; if that fails, each job alone,

@@ -9,7 +9,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .engine import GenerationFailed, GenerationTimeout, InvalidJob, QueueFull
+from .engine import GenerationFailed, GenerationTimeout, InvalidJob, QueueFull, ShuttingDown
 
 _LOCATIONS = ("body", "query", "path", "header", "cookie")
 
@@ -83,11 +83,13 @@ def _unparsable_body(cause: BaseException | None) -> str | None:
 
 
 def engine_error(exc: Exception) -> ApiError:
-    """The engine's refusals as HTTP: full queue 429, timeout 503, arguments the pipeline rejects 422."""
+    """The engine's refusals as HTTP: full queue 429, timeout or shutdown 503, arguments the pipeline rejects 422."""
     if isinstance(exc, QueueFull):
         return ApiError(429, str(exc), None, {"Retry-After": str(exc.retry_after_s)})
     if isinstance(exc, GenerationTimeout):
-        return ApiError(503, str(exc), None, {"Retry-After": "1"})
+        return ApiError(503, str(exc), None, {"Retry-After": str(exc.retry_after_s)})
+    if isinstance(exc, ShuttingDown):
+        return ApiError(503, str(exc), None)
     if isinstance(exc, InvalidJob):
         return ApiError(422, str(exc), None)
     if isinstance(exc, GenerationFailed):
@@ -114,5 +116,5 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ApiError, on_api_error)
     app.add_exception_handler(RequestValidationError, on_validation)
     app.add_exception_handler(StarletteHTTPException, on_http)
-    for cls in (QueueFull, GenerationTimeout, InvalidJob, GenerationFailed, Exception):
+    for cls in (QueueFull, GenerationTimeout, ShuttingDown, InvalidJob, GenerationFailed, Exception):
         app.add_exception_handler(cls, on_engine)

@@ -1,6 +1,8 @@
 """ASGI middlewares that refuse a request before any route sees it.
 
-- BodyLimit: request bodies are bounded in bytes (uvicorn sets no limit of its own).
+- KeyGuard: with --api-key, a request with a body and without the key is refused before its body is read, so a
+  client without the key cannot make the server buffer uploads.
+- BodyLimit: request bodies are bounded in bytes and in time (uvicorn sets no limit of its own).
 - HostGuard: a server bound to loopback answers only to loopback host names, so a web page whose DNS name is
   re-pointed at 127.0.0.1 (DNS rebinding) cannot reach it as if it were its own origin.
 - OriginGuard: browsers attach Origin to cross-site POSTs and WebSockets, which CORS alone does not stop (a
@@ -9,27 +11,46 @@
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
+import time
 from urllib.parse import urlsplit
 
 from starlette.datastructures import Headers
 from starlette.responses import JSONResponse
 
+from .deps import WRONG_KEY, WRONG_KEY_HEADERS, bearer_token, key_matches
 from .errors import error_body
+from .settings import ServeSettings
 
 LOOPBACK_NAMES = ("localhost",)
 
 
-async def _refuse(scope, receive, send, status: int, message: str, param: str | None) -> None:
+async def _refuse(
+    scope, receive, send, status: int, message: str, param: str | None, headers: dict[str, str] | None = None
+) -> None:
     if scope["type"] == "websocket":
         await send({"type": "websocket.close", "code": 1008, "reason": message[:120]})  # the client sees a 403
         return
-    await JSONResponse(error_body(status, message, param), status)(scope, receive, send)
+    await JSONResponse(error_body(status, message, param), status, headers=headers)(scope, receive, send)
+
+
+class KeyGuard:
+    """Requests without a body (GET) check the key as a route dependency; the WebSocket checks it itself."""
+
+    def __init__(self, app, settings: ServeSettings):
+        self.app, self.settings = app, settings
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["method"] not in ("GET", "HEAD", "OPTIONS"):
+            if not key_matches(self.settings, bearer_token(Headers(scope=scope).get("authorization"))):
+                return await _refuse(scope, receive, send, 401, WRONG_KEY, "Authorization", WRONG_KEY_HEADERS)
+        await self.app(scope, receive, send)
 
 
 class BodyLimit:
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app, max_bytes: int, timeout_s: float):
+        self.app, self.max_bytes, self.timeout_s = app, max_bytes, timeout_s
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -39,9 +60,15 @@ class BodyLimit:
         if declared.isdigit() and int(declared) > self.max_bytes:  # refuse before reading a byte of it
             return await _refuse(scope, receive, send, 413, too_big, "body")
         # Read the body here, counting, so a chunked upload without Content-Length is bounded too; then replay it.
-        chunks, size = [], 0
+        # The whole body must arrive within the request timeout: a client that stops sending would hold its
+        # connection and buffer forever.
+        chunks, size, deadline = [], 0, time.monotonic() + self.timeout_s
         while True:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(deadline - time.monotonic(), 0))
+            except asyncio.TimeoutError:
+                slow = f"request body not received within the server's {self.timeout_s:g} s request timeout"
+                return await _refuse(scope, receive, send, 408, slow, "body", {"Connection": "close"})
             if message["type"] == "http.disconnect":
                 return
             size += len(message.get("body", b""))
@@ -88,7 +115,8 @@ class HostGuard:
             return await self.app(scope, receive, send)
         name = host_name(Headers(scope=scope).get("host", ""))
         if not (is_loopback(name) or name in self.allowed):
-            message = f"Host {name!r} is not a name of this server; start it with --allow-host {name} to allow it"
+            allow = f"start it with --allow-host {name} to allow it" if name else "send the header Host: localhost"
+            message = f"Host {name!r} is not a name of this server; {allow}"
             return await _refuse(scope, receive, send, 421, message, "Host")
         await self.app(scope, receive, send)
 

@@ -65,7 +65,7 @@ class MetricsMiddleware:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        started, status = time.perf_counter(), 500
+        started, status = time.perf_counter(), None
 
         async def send_and_note(message):
             nonlocal status
@@ -75,7 +75,11 @@ class MetricsMiddleware:
 
         try:
             await self.app(scope, receive, send_and_note)
+        except BaseException:
+            status = status or 500
+            raise
         finally:
-            route = scope.get("route")
-            endpoint = getattr(route, "path", None) or "unmatched"
-            self.metrics.observe_request(endpoint, status, time.perf_counter() - started)
+            # Returning without a response means the client left first (499, as /ws counts it), not a server fault.
+            # Routes put themselves in the scope; a mount (the page's /static files) only its root_path.
+            endpoint = getattr(scope.get("route"), "path", None) or scope.get("root_path") or "unmatched"
+            self.metrics.observe_request(endpoint, status or 499, time.perf_counter() - started)

@@ -194,6 +194,12 @@ class Options(BaseModel):
     sd_model_checkpoint: str = Field(max_length=1024)
 
 
+class OptionsUpdate(Options):
+    """POST /sdapi/v1/options: A1111 takes any subset of its options, {} included."""
+
+    sd_model_checkpoint: str | None = Field(None, max_length=1024)
+
+
 # -- WebSocket /ws --------------------------------------------------------------------------------------------
 
 def _message_id(value):

@@ -8,7 +8,7 @@ import json
 
 from fastapi import APIRouter, Request, Response
 
-from ..deps import ApiKey, EngineDep, KeyFirstRoute, SettingsDep
+from ..deps import ApiKey, EngineDep, SettingsDep
 from ..engine import Engine, Job
 from ..errors import ApiError
 from ..generation import generate_for, server_timing
@@ -19,6 +19,7 @@ from ..schemas import (
     SAMPLER,
     Img2ImgRequest,
     Options,
+    OptionsUpdate,
     Sampler,
     SdModel,
     Txt2ImgRequest,
@@ -27,7 +28,7 @@ from ..schemas import (
 from ..settings import ServeSettings
 
 router = APIRouter(
-    prefix="/sdapi/v1", tags=["a1111"], dependencies=[ApiKey], responses=ERROR_RESPONSES, route_class=KeyFirstRoute
+    prefix="/sdapi/v1", tags=["a1111"], dependencies=[ApiKey], responses=ERROR_RESPONSES
 )
 
 
@@ -69,10 +70,11 @@ async def get_options(engine: EngineDep) -> Options:
 
 
 @router.post("/options", response_model=None)
-async def set_options(body: Options, engine: EngineDep) -> None:
-    """A1111 clients select the model here before they generate: naming the loaded one succeeds and changes nothing."""
+async def set_options(body: OptionsUpdate, engine: EngineDep) -> None:
+    """A1111 clients select the model here before they generate: naming the loaded one (or none) succeeds and
+    changes nothing."""
     loaded = _model_title(engine)
-    if body.sd_model_checkpoint != loaded:
+    if body.sd_model_checkpoint not in (None, loaded):
         raise ApiError(
             422,
             f"sd_model_checkpoint: this server serves only {loaded!r}; only the operator chooses the model "

@@ -9,7 +9,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Form, Request, Response
 
-from ..deps import ApiKey, EngineDep, KeyFirstRoute, SettingsDep
+from ..deps import ApiKey, EngineDep, SettingsDep
 from ..engine import Generation, Job
 from ..generation import generate_for, server_timing
 from ..images import b64_png, decode_image, fit_image
@@ -23,7 +23,7 @@ from ..schemas import (
 )
 
 router = APIRouter(
-    prefix="/v1/images", tags=["openai"], dependencies=[ApiKey], responses=ERROR_RESPONSES, route_class=KeyFirstRoute
+    prefix="/v1/images", tags=["openai"], dependencies=[ApiKey], responses=ERROR_RESPONSES
 )
 models_router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[ApiKey], responses=ERROR_RESPONSES)
 

@@ -77,6 +77,8 @@ class _Session:
         finally:
             worker.cancel()  # a queued job leaves the engine's queue (Engine.wait cleans up)
             await asyncio.gather(worker, return_exceptions=True)
+            if self.pending is not None:  # received, never submitted: the client left
+                self._count_left(self.pending)
 
     def _limits(self) -> dict:
         s = self.settings
@@ -178,8 +180,12 @@ class _Session:
             await self._report_dropped(dropped)
 
     async def _report_dropped(self, request: _Request) -> None:
-        self.engine.metrics.observe_request("/ws", 499, time.perf_counter() - request.received_at)
+        self._count_left(request)
         await self.send_json({"type": "dropped", "id": request.message.id})
+
+    def _count_left(self, request: _Request) -> None:
+        """499: replaced by a newer request, or the connection closed before its image was sent."""
+        self.engine.metrics.observe_request("/ws", 499, time.perf_counter() - request.received_at)
 
     # -- generating ---------------------------------------------------------------------------------------------
 
@@ -198,6 +204,9 @@ class _Session:
             except Dropped:
                 await self._report_dropped(request)
                 continue
+            except asyncio.CancelledError:  # the connection closed while the request was queued or running
+                self._count_left(request)
+                raise
             except Exception as e:
                 error = engine_error(e)
                 self.engine.metrics.observe_request("/ws", error.status_code, time.perf_counter() - request.received_at)
