@@ -257,3 +257,93 @@ def test_preview_images_are_latent_sized(pipe):
     x = pipe("a red circle", num_inference_steps=1, seed=5, output_type="latent").images
     previews = pipe.preview_images(x)
     assert len(previews) == 1 and previews[0].size == (x.shape[-1], x.shape[-2]) and previews[0].mode == "RGB"
+
+
+# -- diffusers' other StableDiffusionXLPipeline arguments ----------------------------------------------------
+
+
+@pytest.mark.parity
+def test_given_latents_match_diffusers(pipe, reference_pipeline):
+    """Initial noise from the caller (seed walks, interpolation); the generator still drives the later steps."""
+    noise = torch.randn(2, 4, 8, 8, generator=gen(99))
+    kw = dict(num_inference_steps=2, height=64, width=64, output_type="latent")
+    ref = reference_pipeline("a circle", guidance_scale=0.0, latents=noise, generator=[gen(1), gen(2)],
+                             num_images_per_prompt=2, **kw).images
+    out = pipe("a circle", latents=noise, seed=[1, 2], num_images_per_prompt=2, **kw)
+    assert max_diff(out.images, ref) <= LATENT_TOL
+    assert out.seeds == [None, None] and out.parameters[0].seed is None  # the seed alone does not reproduce it
+    # size from the latents when none is given
+    assert pipe("a circle", latents=noise[:1], seed=1, output_type="np").images.shape == (1, 64, 64, 3)
+
+
+@pytest.mark.parity
+def test_prompt_2_and_negative_prompt_2_match_diffusers(pipe, reference_pipeline):
+    kw = dict(num_inference_steps=2, guidance_scale=2.0, height=64, width=64, output_type="latent")
+    ref = reference_pipeline("a red circle", prompt_2="a blue square", negative_prompt="dark",
+                             negative_prompt_2="blurry", generator=gen(4), **kw).images
+    ours = pipe("a red circle", prompt_2="a blue square", negative_prompt="dark", negative_prompt_2="blurry",
+                seed=4, **kw).images
+    assert max_diff(ours, ref) <= LATENT_TOL
+    plain = pipe("a red circle", negative_prompt="dark", seed=4, **kw).images
+    assert max_diff(ours, plain) > 1e-3  # the second encoder really got the other text
+
+
+@pytest.mark.parity
+def test_prompt_embeds_match_diffusers_and_the_prompt(pipe, reference_pipeline):
+    context, pooled = pipe.encode_prompt("a green triangle")
+    neg_context, neg_pooled = pipe.encode_prompt("grey")
+    kw = dict(num_inference_steps=2, guidance_scale=2.0, height=64, width=64, output_type="latent")
+    embeds = dict(prompt_embeds=context, pooled_prompt_embeds=pooled, negative_prompt_embeds=neg_context,
+                  negative_pooled_prompt_embeds=neg_pooled)
+    ref = reference_pipeline(generator=gen(6), **embeds, **kw).images
+    out = pipe(seed=6, **embeds, **kw)
+    assert max_diff(out.images, ref) <= LATENT_TOL
+    assert max_diff(out.images, pipe("a green triangle", negative_prompt="grey", seed=6, **kw).images) <= LATENT_TOL
+    assert out.parameters[0].prompt == ""
+    # a blend of two prompts, the usual reason to pass embeddings
+    other, other_pooled = pipe.encode_prompt("a red circle")
+    blend = pipe(prompt_embeds=torch.lerp(context, other, 0.5), pooled_prompt_embeds=torch.lerp(pooled, other_pooled,
+                 0.5), seed=6, num_inference_steps=1, height=64, width=64, output_type="latent").images
+    assert blend.shape == (1, 4, 8, 8)
+
+
+@pytest.mark.parity
+def test_size_conditions_match_diffusers(pipe, reference_pipeline):
+    kw = dict(num_inference_steps=2, height=64, width=64, output_type="latent",
+              original_size=(1024, 768), crops_coords_top_left=(16, 32), target_size=(512, 512))
+    ref = reference_pipeline("a square", guidance_scale=0.0, generator=gen(8), **kw).images
+    ours = pipe("a square", seed=8, **kw).images
+    assert max_diff(ours, ref) <= LATENT_TOL
+    default = pipe("a square", seed=8, num_inference_steps=2, height=64, width=64, output_type="latent").images
+    assert max_diff(ours, default) > 1e-4
+
+
+def test_return_dict_false_returns_a_tuple_as_diffusers(pipe):
+    images = pipe("a circle", seed=1, output_type="np", return_dict=False)
+    assert isinstance(images, tuple) and len(images) == 1 and images[0].shape == (1, 64, 64, 3)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({}, "pass prompt, or prompt_embeds with pooled_prompt_embeds"),
+        ({"prompt": "x", "prompt_embeds": torch.zeros(1, 77, 96)}, "pass either prompt .* or prompt_embeds"),
+        ({"prompt_embeds": torch.zeros(1, 77, 96)}, "prompt_embeds needs pooled_prompt_embeds"),
+        ({"prompt_embeds": torch.zeros(1, 77, 5), "pooled_prompt_embeds": torch.zeros(1, 64)}, r"must be \[B, T, "),
+        ({"prompt": "x", "prompt_2": ["a", "b"]}, "got 2 texts in prompt_2 for 1 prompts"),
+        ({"prompt": "x", "negative_prompt_2": "y", "guidance_scale": 2.0}, "negative_prompt_2 needs negative_prompt"),
+        ({"prompt": "x", "latents": torch.zeros(2, 4, 8, 8)}, r"latents must be a \[1, 4, H/8, W/8\] tensor"),
+        ({"prompt": "x", "latents": torch.zeros(1, 4, 8, 8), "height": 128}, "height 128 does not match the latents"),
+        ({"prompt": "x", "latents": torch.full((1, 4, 8, 8), float("nan"))}, "latents must be a finite"),
+        ({"prompt": "x", "original_size": (64,)}, "original_size must be a pair of integers"),
+        ({"prompt": "x", "crops_coords_top_left": (-1, 0)}, "crops_coords_top_left values must be from 0"),
+    ],
+)
+def test_diffusers_arguments_are_checked(pipe, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        pipe(num_inference_steps=1, **kwargs)
+
+
+def test_latents_with_an_image_are_refused(pipe, input_image):
+    with pytest.raises(ValueError, match="latents are text-to-image's initial noise; with image, leave them out"):
+        pipe("x", image=input_image, strength=1.0, latents=torch.zeros(1, 4, 8, 8))

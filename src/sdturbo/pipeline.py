@@ -98,17 +98,23 @@ class TurboPipeline:
     # -- conditioning -------------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def encode_prompt(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> context [B,77,ctx] (both towers' penultimate states), pooled [B,proj] (tower 2's projected EOS).
+    def encode_prompt(
+        self, prompts: str | list[str], prompts_2: str | list[str] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> context [B,77,ctx] (both towers' penultimate states), pooled [B,proj] (tower 2's projected EOS): what
+        __call__ takes as prompt_embeds and pooled_prompt_embeds. prompts_2 (diffusers' prompt_2) goes to the second
+        tower instead of prompts.
 
         Served from self.prompt_cache when the same prompts were encoded recently; callers must not modify the
         returned tensors in place."""
-        key = tuple(prompts)
+        prompts = _as_prompt_list(prompts, "prompts")
+        prompts_2 = prompts if prompts_2 is None else _prompts_for(prompts_2, len(prompts), "prompts_2")
+        key = tuple(prompts) if prompts_2 == prompts else (*prompts, *prompts_2)
         if key in self.prompt_cache:
             self.prompt_cache.move_to_end(key)
             return self.prompt_cache[key]
         ids1 = self.tokenizer(prompts).to(self.device)
-        ids2 = self.tokenizer_2(prompts).to(self.device)
+        ids2 = self.tokenizer_2(prompts_2).to(self.device)
         # clone: under CUDA graphs (speed.compile_models) the next network's replay may reuse an output's memory
         h1 = self.text_encoder(ids1)[0].clone()
         h2, pooled = self.text_encoder_2(ids2)
@@ -119,29 +125,46 @@ class TurboPipeline:
                 self.prompt_cache.popitem(last=False)
         return result
 
-    def _conditioning(self, prompts, negative_prompts, n: int, guidance_scale: float, height: int, width: int):
-        """context and y for the UNet batch; with CFG the unconditional half comes first, as in diffusers."""
-        context, pooled = self.encode_prompt(prompts)
+    def _conditioning(self, positive, negative, n: int, guidance_scale: float, time_ids: list[int]):
+        """(context, pooled) of the prompts and, with CFG, of the negative prompts (None: zeros, diffusers'
+        force_zeros_for_empty_prompt) -> context and y for the UNet batch; the unconditional half comes first."""
+        context, pooled = positive
         if guidance_scale > 1.0:
-            if negative_prompts is None:  # force_zeros_for_empty_prompt: zeros, not an encoded ""
-                neg_context, neg_pooled = torch.zeros_like(context), torch.zeros_like(pooled)
-            else:
-                neg_context, neg_pooled = self.encode_prompt(negative_prompts)
+            neg_context, neg_pooled = negative or (torch.zeros_like(context), torch.zeros_like(pooled))
             context = torch.cat([neg_context.repeat_interleave(n, 0), context.repeat_interleave(n, 0)])
             pooled = torch.cat([neg_pooled.repeat_interleave(n, 0), pooled.repeat_interleave(n, 0)])
         elif n > 1:
             context, pooled = context.repeat_interleave(n, 0), pooled.repeat_interleave(n, 0)
         # else the prompt cache's own tensors: the fast path's cross-attention keeps their k and v between calls
-        time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=self.dtype, device=self.device)
+        time_ids = torch.tensor([time_ids], dtype=self.dtype, device=self.device)
         y = make_y(pooled, time_ids.expand(pooled.shape[0], -1), self.spec.unet)
         return context, y
+
+    def _check_embeds(self, context, pooled, name: str, batch: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """prompt_embeds [B,T,ctx] with pooled_prompt_embeds [B,proj] (as encode_prompt returns them), on the
+        pipeline's device and dtype."""
+        ctx, proj = self.spec.unet.context_dim, self.spec.text_encoder_2.projection_dim
+        pooled_name = name.replace("prompt_embeds", "pooled_prompt_embeds")
+        for value, what, shape in ((context, name, f"[B, T, {ctx}]"), (pooled, pooled_name, f"[B, {proj}]")):
+            if not isinstance(value, torch.Tensor):
+                raise ValueError(f"{name} needs {pooled_name}: pass both, {shape} tensors as encode_prompt returns")
+            if not value.is_floating_point() or not torch.isfinite(value).all():
+                raise ValueError(f"{what} must be a finite floating-point tensor")
+        if context.ndim != 3 or context.shape[2] != ctx or pooled.shape != (context.shape[0], proj):
+            raise ValueError(f"{name} {tuple(context.shape)} and {pooled_name} {tuple(pooled.shape)} must be "
+                             f"[B, T, {ctx}] and [B, {proj}] with the same B")
+        if not context.shape[0]:
+            raise ValueError(f"{name} holds no prompt")
+        if batch is not None and context.shape[0] != batch:
+            raise ValueError(f"{name} holds {context.shape[0]} prompts, the prompts {batch}")
+        return context.to(self.device, self.dtype), pooled.to(self.device, self.dtype)
 
     # -- the call -----------------------------------------------------------------------------------------------
 
     @torch.no_grad()
     def __call__(
         self,
-        prompt: str | Sequence[str],
+        prompt: str | Sequence[str] | None = None,
         num_inference_steps: int = 1,
         guidance_scale: float = 0.0,
         height: int | None = None,
@@ -156,22 +179,62 @@ class TurboPipeline:
         output_type: str = "pil",
         callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
-    ) -> TurboPipelineOutput:
+        *,
+        prompt_2: str | Sequence[str] | None = None,
+        negative_prompt_2: str | Sequence[str] | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        pooled_prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        negative_pooled_prompt_embeds: torch.Tensor | None = None,
+        latents: torch.Tensor | None = None,
+        original_size: tuple[int, int] | None = None,
+        crops_coords_top_left: tuple[int, int] = (0, 0),
+        target_size: tuple[int, int] | None = None,
+        return_dict: bool = True,
+    ) -> TurboPipelineOutput | tuple:
         """callback_on_step_end(pipe, step_index, timestep, tensors) runs after every step, as in diffusers: tensors
         holds the names in callback_on_step_end_tensor_inputs ("latents", "denoised"), and a "latents" entry in the
         dict it returns replaces x. step_index counts the steps this call runs (img2img's first is 0).
 
         image: PIL image(s), or a float [B,3,H,W] tensor in [0, 1] (or in [-1, 1] where it has values below 0, as
-        diffusers takes it). strength is checked with or without an image, but only an image uses it."""
-        prompts = _as_prompt_list(prompt, "prompt")
+        diffusers takes it). strength is checked with or without an image, but only an image uses it.
+
+        The keyword-only arguments are diffusers' StableDiffusionXLPipeline's: prompt_2 / negative_prompt_2 go to the
+        second text encoder; prompt_embeds with pooled_prompt_embeds replace the prompt (encode_prompt makes them;
+        the images' parameters then carry an empty prompt); latents are text-to-image's initial noise
+        [B,4,H/8,W/8] (the seed then drives only the later steps' noise, and the parameters carry no seed);
+        original_size, crops_coords_top_left and target_size are SDXL's size conditions ((height, width), (top,
+        left), (height, width); default: the image's size, (0, 0), the image's size); return_dict=False returns
+        (images,)."""
+        if prompt_embeds is None:
+            if prompt is None:
+                raise ValueError("pass prompt, or prompt_embeds with pooled_prompt_embeds")
+            prompts = _as_prompt_list(prompt, "prompt")
+            prompts_2 = _prompts_for(prompt_2, len(prompts), "prompt_2")
+        else:
+            if prompt is not None or prompt_2 is not None:
+                raise ValueError("pass either prompt (and prompt_2) or prompt_embeds, not both")
+            prompt_embeds = self._check_embeds(prompt_embeds, pooled_prompt_embeds, "prompt_embeds")
+            prompts, prompts_2 = [""] * prompt_embeds[0].shape[0], None
         n = _check_int(num_images_per_prompt, "num_images_per_prompt", 1, MAX_IMAGES_PER_PROMPT)
         steps = _check_int(num_inference_steps, "num_inference_steps", 1, sampling.MAX_STEPS)
         batch = len(prompts) * n
-        negative_prompts = _negative_prompts(negative_prompt, len(prompts))
+        negative_prompts = _prompts_for(negative_prompt, len(prompts), "negative_prompt")
+        negative_prompts_2 = _prompts_for(negative_prompt_2, len(prompts), "negative_prompt_2")
+        if negative_prompts_2 and not negative_prompts:
+            raise ValueError("negative_prompt_2 needs negative_prompt (without one, the unconditional half is zeros)")
+        if negative_prompt_embeds is not None:
+            if negative_prompts:
+                raise ValueError("pass either negative_prompt or negative_prompt_embeds, not both")
+            negative_prompt_embeds = self._check_embeds(
+                negative_prompt_embeds, negative_pooled_prompt_embeds, "negative_prompt_embeds", len(prompts)
+            )
+            if prompt_embeds is not None and negative_prompt_embeds[0].shape != prompt_embeds[0].shape:
+                raise ValueError("negative_prompt_embeds must have prompt_embeds' shape")
         if not _is_number(guidance_scale) or not 0 <= guidance_scale <= MAX_GUIDANCE_SCALE:
             raise ValueError(f"guidance_scale must be a number from 0 to {MAX_GUIDANCE_SCALE}, got {guidance_scale!r}")
         guidance_scale = float(guidance_scale)
-        if negative_prompts and guidance_scale <= 1:  # diffusers ignores it silently
+        if (negative_prompts or negative_prompt_embeds is not None) and guidance_scale <= 1:  # diffusers: silently
             warnings.warn(f"negative_prompt is used only with guidance_scale > 1, not {guidance_scale}; it is ignored")
         if not _is_number(strength) or not 0 < strength <= 1:
             raise ValueError(f"strength must be in (0, 1], got {strength!r}")
@@ -201,20 +264,39 @@ class TurboPipeline:
                 steps = new_steps
             pixels = self._preprocess_image(image, height, width, len(prompts), n)
             height, width = pixels.shape[-2:]
+        if latents is not None:
+            if pixels is not None:
+                raise ValueError("latents are text-to-image's initial noise; with image, leave them out")
+            height, width = self._latents_size(latents, batch, height, width)
         height, width = self._check_size(height, width)
+        time_ids = [
+            *_size_pair(original_size, "original_size", (height, width)),
+            *_size_pair(crops_coords_top_left, "crops_coords_top_left", (0, 0), minimum=0),
+            *_size_pair(target_size, "target_size", (height, width)),
+        ]
         schedule_ = sampling.make_schedule(steps, schedule)
         start = sampling.img2img_start_index(steps, strength) if pixels is not None else 0
 
         seeds, rng = self._random_source(seed, generator, batch, schedule, steps)
         latent_shape = (batch, self.spec.unet.in_channels, height // self._vae_scale, width // self._vae_scale)
         noise = _NoiseDrawer(rng, latent_shape, self.dtype, self.device)
-        if pixels is None:
+        if latents is not None:  # as diffusers: no draw for the initial noise, the later steps' draws unchanged
+            noise.skip()
+            x = latents.to(self.device, self.dtype) * schedule_.init_sigma.to(self.device)
+            seeds = [None] * batch
+        elif pixels is None:
             x = noise.draw() * schedule_.init_sigma.to(self.device)
         else:
             z0 = self._encode_image(pixels, noise, batch)
             x = z0 + noise.draw() * schedule_.sigmas[start].to(self.device, z0.dtype)
 
-        context, y = self._conditioning(prompts, negative_prompts, n, guidance_scale, height, width)
+        positive = prompt_embeds if prompt_embeds is not None else self.encode_prompt(prompts, prompts_2)
+        negative = None
+        if guidance_scale > 1.0:
+            negative = negative_prompt_embeds
+            if negative_prompts is not None:
+                negative = self.encode_prompt(negative_prompts, negative_prompts_2)
+        context, y = self._conditioning(positive, negative, n, guidance_scale, time_ids)
 
         def denoiser(x, sigma, t):
             x_in = x / sampling.input_divisor(sigma)
@@ -258,9 +340,10 @@ class TurboPipeline:
             for i in range(batch)
         ]
         if output_type == "latent":
-            return TurboPipelineOutput(x, seeds, params)
-        image_out = self.decode_latents(x)
-        return TurboPipelineOutput(_to_output(image_out, output_type, truncate=schedule == "substep"), seeds, params)
+            images = x
+        else:
+            images = _to_output(self.decode_latents(x), output_type, truncate=schedule == "substep")
+        return TurboPipelineOutput(images, seeds, params) if return_dict else (images,)
 
     # -- pieces -------------------------------------------------------------------------------------------------
 
@@ -291,6 +374,21 @@ class TurboPipeline:
             else:
                 self._preview_factors = fit_latent_rgb(self.vae, vae.scaling_factor, self._vae_scale)
         return [Image.fromarray(p) for p in preview_pixels(latents, factors=self._preview_factors).numpy()]
+
+    def _latents_size(self, latents, batch: int, height: int | None, width: int | None) -> tuple[int, int]:
+        """The image size that given latents imply, checked against their batch, channels and any height/width."""
+        channels = self.spec.unet.in_channels
+        if not isinstance(latents, torch.Tensor) or latents.ndim != 4 or latents.shape[:2] != (batch, channels):
+            got = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
+            raise ValueError(f"latents must be a [{batch}, {channels}, H/{self._vae_scale}, W/{self._vae_scale}] "
+                             f"tensor (one per image), got {got}")
+        if not latents.is_floating_point() or not torch.isfinite(latents).all():
+            raise ValueError("latents must be a finite floating-point tensor")
+        implied = (latents.shape[2] * self._vae_scale, latents.shape[3] * self._vae_scale)
+        for name, given, side in (("height", height, implied[0]), ("width", width, implied[1])):
+            if given is not None and given != side:
+                raise ValueError(f"{name} {given} does not match the latents, which make {side} px")
+        return implied
 
     def _check_size(self, height: int | None, width: int | None) -> tuple[int, int]:
         default = self.native_side_px
@@ -431,6 +529,10 @@ class _NoiseDrawer:
         self.calls += 1
         return out.to(self.device, self.dtype)
 
+    def skip(self) -> None:
+        """Count a draw the caller made instead (given latents): numpy draw k stays RandomState(seed + k)."""
+        self.calls += 1
+
 
 def rgb_image(image: Image.Image) -> Image.Image:
     """An input image as 8-bit RGB. convert("RGB") clips 16-bit images (PNG values 0..65535) to near-white, so those
@@ -476,15 +578,26 @@ def _as_prompt_list(prompt, name: str) -> list[str]:
     return prompts
 
 
-def _negative_prompts(negative_prompt, num_prompts: int) -> list[str] | None:
-    if negative_prompt is None:
+def _prompts_for(value, num_prompts: int, name: str) -> list[str] | None:
+    """A second list of texts (negative_prompt, prompt_2, ...): one for all prompts or one per prompt."""
+    if value is None:
         return None
-    negatives = _as_prompt_list(negative_prompt, "negative_prompt")
-    if len(negatives) == 1:
-        return negatives * num_prompts
-    if len(negatives) != num_prompts:
-        raise ValueError(f"got {len(negatives)} negative prompts for {num_prompts} prompts")
-    return negatives
+    texts = _as_prompt_list(value, name)
+    if len(texts) == 1:
+        return texts * num_prompts
+    if len(texts) != num_prompts:
+        raise ValueError(f"got {len(texts)} texts in {name} for {num_prompts} prompts; pass one, or one per prompt")
+    return texts
+
+
+def _size_pair(value, name: str, default: tuple[int, int], minimum: int = 1) -> tuple[int, int]:
+    if value is None:
+        return default
+    if not isinstance(value, (tuple, list)) or len(value) != 2 or not all(_is_integer(v) for v in value):
+        raise ValueError(f"{name} must be a pair of integers, got {value!r}")
+    if min(value) < minimum or max(value) > 2**16:
+        raise ValueError(f"{name} values must be from {minimum} to {2**16}, got {tuple(value)}")
+    return int(value[0]), int(value[1])
 
 
 def _is_integer(value) -> bool:
