@@ -336,6 +336,8 @@ def test_return_dict_false_returns_a_tuple_as_diffusers(pipe):
         ({"prompt": "x", "latents": torch.zeros(1, 4, 8, 8), "height": 128}, "height 128 does not match the latents"),
         ({"prompt": "x", "latents": torch.full((1, 4, 8, 8), float("nan"))}, "latents must be a finite"),
         ({"prompt": "x", "original_size": (64,)}, "original_size must be a pair of integers"),
+        ({"prompt": "x", "guidance_scale": 2.0, "negative_prompt_embeds": torch.zeros(1, 5, 192),
+          "negative_pooled_prompt_embeds": torch.zeros(1, 128)}, r"must have the prompt.s embedding shape \(1, 77, 192\)"),
         ({"prompt": "x", "crops_coords_top_left": (-1, 0)}, "crops_coords_top_left values must be from 0"),
     ],
 )
@@ -347,3 +349,11 @@ def test_diffusers_arguments_are_checked(pipe, kwargs, match):
 def test_latents_with_an_image_are_refused(pipe, input_image):
     with pytest.raises(ValueError, match="latents are text-to-image's initial noise; with image, leave them out"):
         pipe("x", image=input_image, strength=1.0, latents=torch.zeros(1, 4, 8, 8))
+
+
+def test_prompt_2_has_its_own_cache_entry(pipe):
+    """("a", "b") as two prompts and "a" with prompt_2 "b" must not share a cached encoding."""
+    pipe.prompt_cache.clear()
+    two = pipe.encode_prompt(["a", "b"])
+    one = pipe.encode_prompt(["a"], ["b"])
+    assert two[0].shape[0] == 2 and one[0].shape[0] == 1

@@ -109,7 +109,7 @@ class TurboPipeline:
         returned tensors in place."""
         prompts = _as_prompt_list(prompts, "prompts")
         prompts_2 = prompts if prompts_2 is None else _prompts_for(prompts_2, len(prompts), "prompts_2")
-        key = tuple(prompts) if prompts_2 == prompts else (*prompts, *prompts_2)
+        key = tuple(prompts) if prompts_2 == prompts else (tuple(prompts), tuple(prompts_2))  # tuples: no clash
         if key in self.prompt_cache:
             self.prompt_cache.move_to_end(key)
             return self.prompt_cache[key]
@@ -131,6 +131,9 @@ class TurboPipeline:
         context, pooled = positive
         if guidance_scale > 1.0:
             neg_context, neg_pooled = negative or (torch.zeros_like(context), torch.zeros_like(pooled))
+            if neg_context.shape != context.shape:
+                raise ValueError(f"negative_prompt_embeds {tuple(neg_context.shape)} must have the prompt's embedding "
+                                 f"shape {tuple(context.shape)}")
             context = torch.cat([neg_context.repeat_interleave(n, 0), context.repeat_interleave(n, 0)])
             pooled = torch.cat([neg_pooled.repeat_interleave(n, 0), pooled.repeat_interleave(n, 0)])
         elif n > 1:
@@ -229,8 +232,6 @@ class TurboPipeline:
             negative_prompt_embeds = self._check_embeds(
                 negative_prompt_embeds, negative_pooled_prompt_embeds, "negative_prompt_embeds", len(prompts)
             )
-            if prompt_embeds is not None and negative_prompt_embeds[0].shape != prompt_embeds[0].shape:
-                raise ValueError("negative_prompt_embeds must have prompt_embeds' shape")
         if not _is_number(guidance_scale) or not 0 <= guidance_scale <= MAX_GUIDANCE_SCALE:
             raise ValueError(f"guidance_scale must be a number from 0 to {MAX_GUIDANCE_SCALE}, got {guidance_scale!r}")
         guidance_scale = float(guidance_scale)
