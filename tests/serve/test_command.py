@@ -125,6 +125,20 @@ def test_a_busy_port_or_an_unknown_host_exits_2_before_loading_a_model(capsys):
     assert capsys.readouterr().err.startswith("error: --host 999.1.1.1: unknown host")
 
 
+def wait_until_serving(proc: subprocess.Popen, port: int, timeout_s: float) -> str:
+    """The server's URL once /healthz answers; fails the test if the process ends or the time runs out first."""
+    url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + timeout_s
+    while True:
+        assert proc.poll() is None, proc.stdout.read()
+        try:
+            if httpx.get(url + "/healthz", timeout=1).status_code == 200:
+                return url
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, "the server did not come up"
+        time.sleep(0.1)
+
+
 @pytest.mark.slow
 def test_sdturbo_serve_command_serves_the_tiny_model(tiny_model_dir):
     port = free_port()
@@ -133,16 +147,7 @@ def test_sdturbo_serve_command_serves_the_tiny_model(tiny_model_dir):
         [sys.executable, "-m", "sdturbo", "serve", *argv], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
     try:
-        url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                if httpx.get(url + "/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "the server did not come up"
-            time.sleep(0.2)
+        url = wait_until_serving(proc, port, timeout_s=120)
         body = {"prompt": "from the command line", "size": "64x64", "seed": 1}
         r = httpx.post(url + "/v1/images/generations", json=body, timeout=120)
         assert r.status_code == 200, r.text
@@ -204,18 +209,8 @@ def test_stopping_mid_generation_answers_503_and_exits_without_waiting_for_the_m
     proc = subprocess.Popen(
         [sys.executable, "-c", script, str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
-    url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                if httpx.get(url + "/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "the server did not come up"
-            time.sleep(0.1)
+        url = wait_until_serving(proc, port, timeout_s=60)
         with ThreadPoolExecutor(1) as pool:
             pending = pool.submit(httpx.post, url + "/v1/images/generations", json={"prompt": "slow"}, timeout=30)
             time.sleep(1.0)  # the request is in the model thread now
