@@ -328,13 +328,14 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
     print(f"warning: {message}", file=sys.stderr)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def run_command(func, args: argparse.Namespace) -> int:
+    """Run one command's function as the command line does: warnings and bad input in one line each (exit 2 for bad
+    input), Ctrl+C as "interrupted" (exit 130). Also for the `python -m` entry points of single commands."""
     warnings.showwarning = _one_line_warning
     from .loading import LoadError
 
     try:
-        code = args.func(args)
+        code = func(args)
     except (UserError, ValueError, LoadError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -342,6 +343,11 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     return code or 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_command(args.func, args)
 
 
 if __name__ == "__main__":

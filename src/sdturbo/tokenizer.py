@@ -32,11 +32,12 @@ def _token_content(value: str | dict) -> str:
     return value if isinstance(value, str) else value["content"]
 
 
-def _read_json(path: Path) -> dict:
+def read_json_or_empty(path: Path) -> dict:
+    """A tokenizer folder's optional JSON file; {} where it is absent."""
     return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
 
 
-def _special_tokens(tokenizer_config: dict, special_tokens_map: dict) -> dict[str, str]:
+def special_tokens(tokenizer_config: dict, special_tokens_map: dict) -> dict[str, str]:
     """bos/eos/unk/pad strings: tokenizer_config.json first, then special_tokens_map.json, then CLIP's defaults
     (unk and pad default to eos, as in transformers' CLIPTokenizer)."""
     defaults = {"bos_token": DEFAULT_BOS, "eos_token": DEFAULT_EOS}
@@ -76,15 +77,15 @@ def _vocab_and_merges(path: Path, tokenizer_config: dict) -> tuple[dict[str, int
     """From vocab.json + merges.txt (the hub's sdxl-turbo folders), or else from the BPE model inside tokenizer.json
     (what transformers 5 saves). A tokenizer.json's added tokens are copied into tokenizer_config when it lists none."""
     if (path / "vocab.json").exists():
-        vocab = _read_json(path / "vocab.json")
+        vocab = read_json_or_empty(path / "vocab.json")
         lines = (path / "merges.txt").read_text(encoding="utf-8").splitlines()
         merges = [tuple(line.split()) for line in lines if line and not line.startswith("#version")]
         return vocab, merges
-    model = _read_json(path / "tokenizer.json").get("model", {})
+    model = read_json_or_empty(path / "tokenizer.json").get("model", {})
     if model.get("type") != "BPE":
         raise FileNotFoundError(f"{path} has neither vocab.json + merges.txt nor a BPE tokenizer.json")
     if "added_tokens_decoder" not in tokenizer_config:
-        added = _read_json(path / "tokenizer.json").get("added_tokens", [])
+        added = read_json_or_empty(path / "tokenizer.json").get("added_tokens", [])
         tokenizer_config["added_tokens_decoder"] = {str(t["id"]): t for t in added}
     merges = [tuple(m.split()) if isinstance(m, str) else tuple(m) for m in model["merges"]]
     return model["vocab"], merges
@@ -123,8 +124,8 @@ class CLIPTokenizer:
     def from_folder(cls, path: str | Path) -> CLIPTokenizer:
         """Read vocab.json, merges.txt and (optional) tokenizer_config.json / special_tokens_map.json."""
         path = Path(path)
-        tokenizer_config = _read_json(path / "tokenizer_config.json")
-        special = _special_tokens(tokenizer_config, _read_json(path / "special_tokens_map.json"))
+        tokenizer_config = read_json_or_empty(path / "tokenizer_config.json")
+        special = special_tokens(tokenizer_config, read_json_or_empty(path / "special_tokens_map.json"))
         vocab, merges = _vocab_and_merges(path, tokenizer_config)
         bpe = BPE(vocab, merges, unk_token=special["unk_token"], continuing_subword_prefix="",
                   end_of_word_suffix="</w>", fuse_unk=False)

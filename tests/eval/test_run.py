@@ -9,11 +9,12 @@ import torch
 
 from sdturbo.eval.cli import DEFAULT_MODELS_DIR, add_eval_arguments, check_args, format_table, run_eval
 from sdturbo.eval.networks import EvalNet, save_eval_net
-from sdturbo.eval.run import ROW_NAMES, eval_prompts, scene_for
+from sdturbo.eval.run import ROW_NAMES, eval_prompts, folder_loader, scene_for
 from sdturbo.loading import save_diffusers_folder
 from sdturbo.models.clip import CLIPTextModel
 from sdturbo.models.unet import UNet
 from sdturbo.models.vae import AutoencoderKL
+from sdturbo.pipeline import MINI_MODEL_DIR
 from sdturbo.train.data import HELDOUT_PROMPTS, parse_caption, scene_satisfies
 from sdturbo.train.mini.config import MINI
 from sdturbo.train.mini.tokenizer import clip_vocab, write_tokenizer_folder
@@ -70,9 +71,20 @@ def test_run_eval_writes_the_rows_and_marks_missing_models(tiny_models_dir, tmp_
     assert [teacher["name"], add["name"]] == ["teacher-1", "add-1"]
     assert {"name", "steps", "fid", "alignment", "seconds_per_image"} <= add.keys()
     assert add["steps"] == 1 and add["fid"] >= 0 and 0 <= add["alignment"] <= 1 and add["seconds_per_image"] > 0
+    assert add["model_dir"] == str((tiny_models_dir / "add").resolve())
     assert teacher["fid"] is None and teacher["alignment"] is None and "not found" in teacher["note"]
+    assert teacher["model_dir"] is None
     assert [r["name"] for r in result["references"]] == ["real", "vae-reconstruction"]
     assert "| add-1 | 1 |" in format_table(result)
+
+
+def test_loaded_models_say_where_they_came_from(tiny_models_dir, tmp_path):
+    pipe, where = folder_loader(tiny_models_dir, {"add": MINI_MODEL_DIR}, device="cpu")("add")
+    assert where == str((tiny_models_dir / "add").resolve()) and pipe.device.type == "cpu"
+    empty = tmp_path / "models"
+    empty.mkdir()
+    assert folder_loader(empty, {"add": MINI_MODEL_DIR}, device="cpu")("add")[1] == "bundled sdturbo-mini"
+    assert folder_loader(empty, {}, device="cpu")("teacher") is None
 
 
 def eval_args(*argv: str) -> argparse.Namespace:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import pytest
@@ -273,3 +274,16 @@ def test_pickle_hint_converts_to_the_name_the_loader_reads(tmp_path, tiny_folder
     (folder / "text_encoder" / "pytorch_model.bin").write_bytes(b"not read")
     with pytest.raises(LoadError, match=r"s.save_file\(sd.get\('state_dict', sd\), '.*text_encoder/model.safetensors'\)"):
         load_components(folder)
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600)])
+def test_saved_weights_get_the_mode_of_the_users_umask(tmp_path, tiny_state_dicts, umask, mode):
+    """safetensors writes a 0600 temporary file and renames it: the weights would stay private whatever the umask."""
+    old = os.umask(umask)
+    try:
+        single = save_single_file(tmp_path / "x.safetensors", tiny_state_dicts, TINY)
+        folder = save_diffusers_folder(tmp_path / "folder", tiny_state_dicts, TINY)
+    finally:
+        os.umask(old)
+    weights = [single, *folder.rglob("*.safetensors")]
+    assert len(weights) == 5 and {p.stat().st_mode & 0o777 for p in weights} == {mode}

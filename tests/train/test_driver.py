@@ -1,5 +1,6 @@
-"""`sdturbo train add` in one process on a TINY teacher: the run's outputs, exact resume, the bf16 path on folder
-data, the command line, and activation checkpointing's gradients."""
+"""`sdturbo train add` in one process on a TINY teacher: the run's outputs, exact resume and resume with changed
+settings, the bf16 path on folder data, the command line, the export of flat tokenizers, and activation
+checkpointing's gradients."""
 
 import argparse
 import json
@@ -16,7 +17,16 @@ from safetensors.torch import load_file
 
 from add_fixtures import build, stream_batch
 from sdturbo.pipeline import TurboPipeline
-from sdturbo.train.driver import TrainAddConfig, add_train_add_arguments, check_inputs, config_from_args, train
+from sdturbo.train.driver import (
+    TrainAddConfig,
+    add_train_add_arguments,
+    check_inputs,
+    config_from_args,
+    tokenizer_source,
+    train,
+    truncate_log,
+)
+from sdturbo.train.driver import main as driver_main
 from sdturbo.train.loop import ADDConfig, step_generator, student_forward
 from sdturbo.train.parallel import apply_activation_checkpointing
 
@@ -234,3 +244,68 @@ def test_activation_checkpointing_keeps_gradients_and_saves_memory():
     assert plain.keys() == recomputed.keys()  # parameter names unchanged
     torch.testing.assert_close(recomputed, plain, rtol=1e-5, atol=1e-8)
     assert saved_recomputed < saved_plain / 2, (saved_recomputed, saved_plain)
+
+
+def test_flat_tokenizer_folder_is_exported_as_one_folder_per_tower(tiny_teacher, tmp_path):
+    flat = tmp_path / "flat"  # one vocab.json + merges.txt, which loading reads for both towers
+    flat.mkdir()
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copyfile(tiny_teacher / "tokenizer" / name, flat / name)
+    final = train(config(tiny_teacher, tmp_path / "run", tokenizer=str(flat), steps=1, sample_every=0))
+    trained = TurboPipeline.from_pretrained(tiny_teacher, device="cpu", dtype="fp32", tokenizer=str(flat))
+    exported = TurboPipeline.from_pretrained(final, device="cpu", dtype="fp32")
+    for tokenizer in ("tokenizer", "tokenizer_2"):
+        ids, expected = getattr(exported, tokenizer)(PROMPTS[0]), getattr(trained, tokenizer)(PROMPTS[0])
+        assert torch.equal(ids, expected), tokenizer
+    assert exported.tokenizer.pad_token_id == exported.tokenizer.eos_token_id and exported.tokenizer_2.pad_token_id == 0
+
+
+def test_a_tokenizer_folder_the_export_cannot_ship_fails_before_training(tiny_teacher, tmp_path):
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / "tokenizer.json").write_text("{}")  # loads, but there is nothing to copy for the export
+    with pytest.raises(ValueError, match="neither tokenizer/ and tokenizer_2/ nor vocab.json and merges.txt"):
+        tokenizer_source(config(tiny_teacher, tmp_path / "run", tokenizer=str(tmp_path / "tok")))
+
+
+@pytest.mark.filterwarnings("ignore:--discriminator dinov2 without --feature-net")
+def test_resume_with_changed_ema_data_and_discriminator(tiny_teacher, tmp_path, capsys):
+    out = tmp_path / "run"
+    no_ema = replace(config(tiny_teacher, out).add, ema_decay=0.0)
+    train(config(tiny_teacher, out, steps=1, checkpoint_every=1, sample_every=0, add=no_ema))
+    assert not (out / "checkpoints" / "step_0000001" / "student_ema.safetensors").exists()
+    capsys.readouterr()
+    with pytest.raises(ValueError, match="discriminator was tiny .* resume with --discriminator tiny"):
+        train(config(tiny_teacher, out, steps=2, resume=True, discriminator="dinov2"))
+    train(config(tiny_teacher, out, steps=2, sample_every=0, resume=True, batch_size=1))  # EMA on, smaller batches
+    err = capsys.readouterr().err
+    assert "the EMA starts from the student of step 1" in err
+    assert "changed data settings (saved -> now): {'batch_size': (2, 1)}" in err and "differ" in err
+    assert (out / "checkpoints" / "step_0000002" / "student_ema.safetensors").exists()
+
+
+def test_truncate_log_drops_a_last_line_cut_short_and_names_other_bad_lines(tmp_path):
+    log = tmp_path / "log.jsonl"
+    log.write_text('{"step": 0, "g_loss": 1.0}\n{"step": 1, "g_loss": 1.0}\n{"step": 2, "g_lo')
+    with pytest.warns(UserWarning, match=r"log.jsonl ends in a line cut short \(line 3"):
+        truncate_log(log, 2)
+    assert read_log(tmp_path) == [{"step": 0, "g_loss": 1.0}, {"step": 1, "g_loss": 1.0}]
+    log.write_text('{"step": 0}\n{"step": 1, "g_lo\n{"step": 2}\n')
+    with pytest.raises(ValueError, match=r"log.jsonl line 2 is not JSON .* repair or delete that line"):
+        truncate_log(log, 2)
+    log.write_text('{"step": 0}\n[1, 2]\n')
+    with pytest.raises(ValueError, match="line 2 has no step"):
+        truncate_log(log, 2)
+
+
+def test_module_entry_point_reports_bad_input_in_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)  # run_command installs its one-line form
+    assert driver_main(["--teacher", str(tmp_path / "missing"), "--out", str(tmp_path / "run"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --teacher") and "does not exist" in err[0]
+
+
+def test_weight_files_get_the_mode_of_other_new_files(run):
+    out, final = run
+    mode = (out / "config.json").stat().st_mode & 0o777  # written with open(): the umask's mode
+    weights = [*(out / "checkpoints").rglob("*.safetensors"), *final.rglob("*.safetensors")]
+    assert weights and {oct(p.stat().st_mode & 0o777) for p in weights} == {oct(mode)}

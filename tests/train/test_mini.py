@@ -89,6 +89,22 @@ def test_export_loads_and_generates(trained):
     assert (workdir / "samples_student.png").exists()
 
 
+def test_export_budget_counts_only_the_model(trained, tmp_path, monkeypatch):
+    from sdturbo.train.mini import export as export_module
+
+    workdir, recipe = trained
+    export_dir = tmp_path / "shared"
+    export_dir.mkdir()
+    (export_dir / "unrelated.bin").write_bytes(bytes(26 * 2**20))  # alone over the 25 MiB budget
+    run_stage("export", workdir, replace(recipe, export_dir=str(export_dir)))
+    assert (export_dir / "unet").is_dir() and (export_dir / "unrelated.bin").exists()
+    fresh = tmp_path / "fresh"
+    monkeypatch.setattr(export_module, "MAX_EXPORT_BYTES", 1024)
+    with pytest.raises(ValueError, match="over the 25 MiB budget"):
+        run_stage("export", workdir, replace(recipe, export_dir=str(fresh)))
+    assert not fresh.exists()  # a model over the budget is never written
+
+
 def test_cli_arguments():
     parser = argparse.ArgumentParser()
     add_train_arguments(parser)

@@ -62,10 +62,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if not args.workdir.is_dir():
-            raise RuntimeError(f"--workdir {args.workdir} is not a folder; train sdturbo-mini there first: "
-                               f"sdturbo train mini --workdir {args.workdir}")
+            raise ValueError(f"--workdir {args.workdir} is not a folder; train sdturbo-mini there first: "
+                             f"sdturbo train mini --workdir {args.workdir}")
         written = write_models_dir(args.workdir, args.out)
-    except RuntimeError as e:  # an absent or unfinished work dir; require_done names the stage to run
+    except ValueError as e:  # an absent or unfinished work dir; require_done names the stage to run
         print(f"error: {e}", file=sys.stderr)
         return 2
     print("\n".join(str(p) for p in written) or f"no finished teacher or student in {args.workdir}")

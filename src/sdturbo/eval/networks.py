@@ -18,9 +18,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
+from ..loading.single_file import save_tensors
 from ..train.data import BACKGROUND_COLORS, COLORS, SHAPES, SIZES, VARIED, Scene, ShapeObject
 
 PAIRS = tuple((shape, color) for shape in SHAPES for color in COLORS)  # 24 (shape, colour) classes
@@ -124,7 +125,7 @@ def decode_scenes(logits: SceneLogits) -> list[Scene]:
 
 def save_eval_net(net: EvalNet, path: Path = WEIGHTS_PATH) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in net.state_dict().items()}, str(path))
+    save_tensors({k: v.detach().contiguous().cpu() for k, v in net.state_dict().items()}, path)
     return path
 
 

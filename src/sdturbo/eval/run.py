@@ -164,7 +164,8 @@ def _scores(net: EvalNet, images: torch.Tensor, specs: list[PromptSpec], real_fe
 
 
 def evaluate(rows: list[Row], num_images: int, load_model, net: EvalNet, batch_size: int = 100, log=print) -> dict:
-    """Score each row; `load_model(row.model)` returns a TurboPipeline, or None when that model is not there.
+    """Score each row; `load_model(row.model)` returns (a TurboPipeline, where it was loaded from), or None when
+    that model is not there. Each row records the latter as model_dir.
 
     A row whose model is missing is reported with null metrics and a note; no number is ever filled in."""
     prompts = eval_prompts(num_images)
@@ -173,11 +174,12 @@ def evaluate(rows: list[Row], num_images: int, load_model, net: EvalNet, batch_s
     other_real = real_images(prompts, REAL_FLOOR_SEED)
     references = [{"name": "real", "num_images": num_images, **_scores(net, other_real, specs, real_features)}]
     log(_summary(references[0]))
-    results, pipes = [], {}
+    results, pipes, model_dirs = [], {}, {}
     for row in rows:
         if row.model not in pipes:
-            pipes[row.model] = load_model(row.model)
-        entry = {"name": row.name, "steps": row.steps, "guidance_scale": row.guidance_scale, "num_images": num_images}
+            pipes[row.model], model_dirs[row.model] = load_model(row.model) or (None, None)
+        entry = {"name": row.name, "steps": row.steps, "guidance_scale": row.guidance_scale, "num_images": num_images,
+                 "model_dir": model_dirs[row.model]}
         if pipes[row.model] is None:
             entry.update(fid=None, alignment=None, seconds_per_image=None,
                          note=f"model '{row.model}' not found; this row was not run")
@@ -204,13 +206,16 @@ def _summary(entry: dict) -> str:
 
 def folder_loader(models_dir: Path, fallbacks: dict[str, Path], device: str = "auto", dtype: str = "auto"):
     """load_model for evaluate: the first of models_dir/<model> and fallbacks[model] (e.g. the bundled
-    sdturbo-mini for 'add') that holds a diffusers folder, else None."""
-    from ..pipeline import TurboPipeline
+    sdturbo-mini for 'add') that holds a diffusers folder, with its absolute path ("bundled sdturbo-mini" for the
+    package's own), else None."""
+    from ..pipeline import MINI_MODEL_DIR, TurboPipeline
 
     def load(model: str):
         for folder in (models_dir / model, fallbacks.get(model)):
             if folder is not None and (folder / "model_index.json").exists():
-                return TurboPipeline.from_pretrained(folder, device=device, dtype=dtype)
+                where = str(folder.resolve())
+                where = "bundled sdturbo-mini" if where == str(MINI_MODEL_DIR.resolve()) else where
+                return TurboPipeline.from_pretrained(folder, device=device, dtype=dtype), where
         return None
 
     return load

@@ -10,7 +10,6 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from ..models.clip import EOS_TOKEN_ID, text_config_from_transformers, text_config_to_transformers
@@ -20,7 +19,16 @@ from ..models.vae import vae_config_from_diffusers, vae_config_to_diffusers
 from ..sampling import BETA_END, BETA_START, NUM_TRAIN_TIMESTEPS
 from ..tokenizer import CLIPTokenizer
 from .keymaps import COMPONENTS, IGNORED_DIFFUSERS_KEYS, LoadError, StateDict
-from .single_file import is_like, is_pickle_name, kind_of, read_header, read_tensors, refuse_pickle, state_dict_of
+from .single_file import (
+    is_like,
+    is_pickle_name,
+    kind_of,
+    read_header,
+    read_tensors,
+    refuse_pickle,
+    save_tensors,
+    state_dict_of,
+)
 
 WEIGHT_NAMES = {
     "unet": "diffusion_pytorch_model.safetensors",
@@ -301,7 +309,7 @@ def save_diffusers_folder(
         _write_json(path / name / "config.json", config)
         tensors = {k: t.detach().contiguous().cpu() for k, t in state_dict_of(components[name]).items()}
         # transformers refuses safetensors files without format metadata
-        save_file(tensors, str(path / name / with_variant(WEIGHT_NAMES[name], variant)), metadata={"format": "pt"})
+        save_tensors(tensors, path / name / with_variant(WEIGHT_NAMES[name], variant), metadata={"format": "pt"})
     for name, source in zip(TOKENIZER_FOLDERS, tokenizer_folders or ()):
         (path / name).mkdir(parents=True, exist_ok=True)
         for filename in TOKENIZER_FILES:

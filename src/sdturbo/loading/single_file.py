@@ -4,6 +4,7 @@ tensor shapes, write one. Also home of the safetensors reading shared with diffu
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
@@ -293,6 +294,26 @@ def infer_spec(
 # -- writing ---------------------------------------------------------------------------------------------------
 
 
+def save_tensors(tensors: Mapping[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    """safetensors' save_file, leaving the file with the mode of any other new file: save_file writes a 0600 temporary
+    file and renames it into place, so checkpoints and exported weights were readable by their owner alone while the
+    JSON beside them was not (a run folder shared with a group, or served, was half unreadable)."""
+    save_file(dict(tensors), str(path), metadata=metadata)
+    os.chmod(path, 0o666 & ~_umask())
+
+
+def _umask() -> int:
+    try:  # Linux tells it without changing it; os.umask can only read it by setting it, racing other threads
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def state_dict_of(component: nn.Module | StateDict) -> StateDict:
     return component.state_dict() if isinstance(component, nn.Module) else component
 
@@ -304,7 +325,7 @@ def save_single_file(path: str | Path, components: Mapping[str, nn.Module | Stat
     sgm = diffusers_to_sgm({name: state_dict_of(c) for name, c in components.items()}, spec)
     tensors = {k: t.detach().contiguous().cpu() for k, t in sgm.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata={"format": "pt", **spec_metadata(spec)})
+    save_tensors(tensors, path, metadata={"format": "pt", **spec_metadata(spec)})
     return path
 
 

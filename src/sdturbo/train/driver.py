@@ -22,6 +22,7 @@ import os
 import shutil
 import signal
 import sys
+import tempfile
 import textwrap
 import threading
 import time
@@ -38,11 +39,12 @@ from PIL import Image
 from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
-from ..loading import HUB_ID, load_components, save_diffusers_folder
+from ..loading import HUB_ID, OPEN_CLIP_PAD_ID, load_components, save_diffusers_folder
 from ..loading.hub import DEFAULT_REPO, resolve_tokenizer_folder
 from ..models.configs import ModelSpec, UNetConfig
 from ..models.vit import load_vit
 from ..pipeline import MINI_MODEL_DIR, TurboPipeline
+from ..tokenizer import read_json_or_empty, special_tokens
 from .add import NFSD_NEGATIVE_PROMPT
 from .data import HELDOUT_PROMPTS, ShapesStream
 from .discriminator import DISCRIMINATOR_SDXL, DISCRIMINATOR_TINY, ProjectedDiscriminator
@@ -235,12 +237,16 @@ class StepBatches(torch.utils.data.Dataset):
         return self.source.batch(step, self.batch_size, self.rank, self.world)
 
 
-def data_loader(cfg: TrainAddConfig, size_px: int, start: int, device: torch.device) -> torch.utils.data.DataLoader:
-    rank, world = rank_and_world()
+def data_source(cfg: TrainAddConfig, size_px: int) -> ShapesStream | ImageCaptionFolder:
     if cfg.data == "shapes":
-        source = ShapesStream(seed=cfg.add.seed, size_px=size_px)
-    else:
-        source = ImageCaptionFolder(cfg.data, size_px, seed=cfg.add.seed)
+        return ShapesStream(seed=cfg.add.seed, size_px=size_px)
+    return ImageCaptionFolder(cfg.data, size_px, seed=cfg.add.seed)
+
+
+def data_loader(
+    cfg: TrainAddConfig, source: ShapesStream | ImageCaptionFolder, start: int, device: torch.device
+) -> torch.utils.data.DataLoader:
+    rank, world = rank_and_world()
     return torch.utils.data.DataLoader(
         StepBatches(source, cfg.batch_size, rank, world),
         batch_size=None,  # items are whole batches
@@ -305,12 +311,15 @@ def checkpoints(out: Path) -> list[Path]:
     return sorted(p for p in found if p.suffix != ".partial")
 
 
-def write_checkpoint(out: Path, models: ADDModels, optimizers: Optimizers, cfg: TrainAddConfig, step: int) -> None:
+def write_checkpoint(
+    out: Path, models: ADDModels, optimizers: Optimizers, cfg: TrainAddConfig, step: int, run: dict
+) -> None:
     """Save into a temporary folder, then rename, so a crash mid-save never leaves a half checkpoint that looks
-    complete; keep the newest keep_checkpoints. Every rank calls it (FSDP gathers), rank 0 writes."""
+    complete; keep the newest keep_checkpoints. Every rank calls it (FSDP gathers), rank 0 writes. run: run_settings,
+    which a resume compares with its own."""
     final = out / "checkpoints" / f"step_{step:07d}"
     partial = final.with_name(final.name + ".partial")
-    save_checkpoint(partial, models, optimizers, cfg.add, step)
+    save_checkpoint(partial, models, optimizers, cfg.add, step, run)
     if rank_and_world()[0] == 0:
         shutil.rmtree(final, ignore_errors=True)
         partial.rename(final)
@@ -362,16 +371,46 @@ def replica_fingerprints(models: ADDModels) -> list[str]:
     return gathered
 
 
-def tokenizer_folders(cfg: TrainAddConfig) -> tuple[Path, Path]:
-    """The tokenizer/ and tokenizer_2/ folders of the run's model, copied next to the exported weights."""
+TOKENIZER_FOLDERS = ("tokenizer", "tokenizer_2")
+FLAT_TOKENIZER_FILES = ("vocab.json", "merges.txt")
+
+
+def tokenizer_source(cfg: TrainAddConfig) -> Path:
+    """The folder of the run's tokenizers, shipped with the exported model: tokenizer/ + tokenizer_2/, or one flat
+    vocab.json + merges.txt for both towers. Checked before training, so that the export cannot fail on it."""
     source = cfg.tokenizer or cfg.teacher
     folder = Path(_source(source))
     if not folder.is_dir():  # a Hub id, or a single file, whose tokenizers come from sdxl-turbo as when loading
         folder = resolve_tokenizer_folder(source if HUB_ID.fullmatch(source) else DEFAULT_REPO)
-    folders = (folder / "tokenizer", folder / "tokenizer_2")
-    if not all(f.is_dir() for f in folders):
-        raise ValueError(f"{folder} has no tokenizer/ and tokenizer_2/ to ship with the model; pass --tokenizer")
-    return folders
+    if not (all((folder / name).is_dir() for name in TOKENIZER_FOLDERS)
+            or all((folder / name).is_file() for name in FLAT_TOKENIZER_FILES)):
+        raise ValueError(f"{folder} has neither tokenizer/ and tokenizer_2/ nor vocab.json and merges.txt to ship "
+                         "with the model; pass --tokenizer with such a folder")
+    return folder
+
+
+def tokenizer_folders(folder: Path, scratch: Path) -> tuple[Path, Path]:
+    """The tokenizer/ and tokenizer_2/ folders to copy next to the exported weights. A flat vocab.json + merges.txt
+    becomes two folders under scratch, each padding as loading pads that tower (TE1 with eos, TE2 with id 0, "!" in
+    CLIP's vocabulary): sdxl-turbo's layout, which every loader reads the same way."""
+    if all((folder / name).is_dir() for name in TOKENIZER_FOLDERS):
+        return folder / "tokenizer", folder / "tokenizer_2"
+    config = read_json_or_empty(folder / "tokenizer_config.json")
+    special_tokens_map = read_json_or_empty(folder / "special_tokens_map.json")
+    vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
+    eos = special_tokens(config, special_tokens_map)["eos_token"]
+    for name, pad in zip(TOKENIZER_FOLDERS, (eos, {i: t for t, i in vocab.items()}[OPEN_CLIP_PAD_ID])):
+        (scratch / name).mkdir()
+        for filename in FLAT_TOKENIZER_FILES:
+            shutil.copyfile(folder / filename, scratch / name / filename)
+        _write_json(scratch / name / "tokenizer_config.json", {**config, "pad_token": pad})
+        if special_tokens_map:  # transformers lets this file's pad override tokenizer_config's
+            _write_json(scratch / name / "special_tokens_map.json", {**special_tokens_map, "pad_token": pad})
+    return scratch / "tokenizer", scratch / "tokenizer_2"
+
+
+def _write_json(path: Path, value: dict) -> None:
+    path.write_text(json.dumps(value, indent=2) + "\n", encoding="utf-8")
 
 
 def export_student(out: Path, models: ADDModels, spec: ModelSpec, cfg: TrainAddConfig) -> Path:
@@ -385,7 +424,10 @@ def export_student(out: Path, models: ADDModels, spec: ModelSpec, cfg: TrainAddC
     frozen = load_components(_source(cfg.teacher), device="cpu", dtype=dtype, tokenizer=cfg.tokenizer)
     components = frozen.models() | {"unet": {k: v.to(dtype) for k, v in unet.items()}}
     shutil.rmtree(final, ignore_errors=True)
-    return save_diffusers_folder(final, components, spec, tokenizer_folders=tokenizer_folders(cfg))
+    with tempfile.TemporaryDirectory() as scratch:
+        folders = tokenizer_folders(tokenizer_source(cfg), Path(scratch))
+        save_diffusers_folder(final, components, spec, tokenizer_folders=folders)
+    return final
 
 
 # -- the run ------------------------------------------------------------------------------------------------------
@@ -420,16 +462,32 @@ def check_inputs(cfg: TrainAddConfig) -> None:
                       "(huggingface-cli download facebook/dinov2-small model.safetensors)")
 
 
-def check_out(out: Path, resume: bool) -> None:
-    """Before any loading: a new run must not mix into an old one, a resumed run needs a checkpoint."""
+def check_out(out: Path, cfg: TrainAddConfig) -> None:
+    """Before any loading: a new run must not mix into an old one, a resumed run needs a checkpoint, whose
+    discriminator heads only the discriminator they were trained for can take."""
     found = checkpoints(out)
-    if found and not resume:
+    if found and not cfg.resume:
         raise ValueError(f"{out} already has checkpoints ({found[-1].name}); pass --resume or another --out")
-    if resume and not found:
+    if cfg.resume and not found:
         raise ValueError(f"--resume: {out / 'checkpoints'} holds no complete checkpoint")
+    if cfg.resume:
+        run = json.loads((found[-1] / "state.json").read_text()).get("run", {})  # run_settings; older versions: none
+        saved = run.get("discriminator", cfg.discriminator)
+        if saved != cfg.discriminator:
+            raise ValueError(f"--resume: this run's discriminator was {saved} (its checkpoint holds heads for it, not "
+                             f"for {cfg.discriminator}); resume with --discriminator {saved}")
 
 
-def start_step(out: Path, cfg: TrainAddConfig, models: ADDModels, optimizers: Optimizers) -> int:
+def run_settings(cfg: TrainAddConfig, source: ShapesStream | ImageCaptionFolder) -> dict:
+    """What a checkpoint keeps of the run beside the ADD settings: the discriminator its heads were built for, and
+    what the batch of each step depends on."""
+    settings = {"discriminator": cfg.discriminator, "data": cfg.data}
+    if isinstance(source, ImageCaptionFolder):  # a folder's shuffle depends on its number of examples
+        settings.update(data=str(Path(cfg.data).resolve()), examples=len(source))
+    return settings | {"batch_size": cfg.batch_size, "world_size": rank_and_world()[1]}
+
+
+def start_step(out: Path, cfg: TrainAddConfig, models: ADDModels, optimizers: Optimizers, run: dict) -> int:
     """0 for a new run; for --resume the step after the latest checkpoint, whose state is loaded."""
     if not cfg.resume:
         return 0
@@ -443,6 +501,13 @@ def start_step(out: Path, cfg: TrainAddConfig, models: ADDModels, optimizers: Op
     if saved != cfg.add and rank_and_world()[0] == 0:
         changed = {k: (v, getattr(cfg.add, k)) for k, v in asdict(saved).items() if getattr(cfg.add, k) != v}
         print(f"resuming with changed ADD settings (saved -> now): {changed}", file=sys.stderr)
+    data_changes = {k: (v, run.get(k)) for k, v in checkpoint.run.items() if run.get(k) != v}
+    if data_changes and rank_and_world()[0] == 0:
+        print(f"resuming with changed data settings (saved -> now): {data_changes}; the batches from here on differ "
+              "from those of an uninterrupted run", file=sys.stderr)
+    if checkpoint.ema_from_student and rank_and_world()[0] == 0:
+        print(f"resuming with EMA (--add.ema-decay {cfg.add.ema_decay}) from a checkpoint saved without one: the EMA "
+              f"starts from the student of step {checkpoint.step}", file=sys.stderr)
     return checkpoint.step
 
 
@@ -458,10 +523,26 @@ def append_log(
 
 
 def truncate_log(path: Path, start: int) -> None:
-    """Drop log lines of steps at or after `start`: a resumed run rewrites them."""
-    if path.exists():
-        lines = path.read_text().splitlines()
-        path.write_text("".join(line + "\n" for line in lines if json.loads(line)["step"] < start))
+    """Drop log lines of steps at or after `start`: a resumed run rewrites them. A last line cut short (a crash
+    while it was written) is dropped too, with a warning: the checkpoint, not the log, is the run's state."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines()
+    kept = []
+    for number, line in enumerate(lines, 1):
+        try:
+            step = json.loads(line)["step"]
+        except json.JSONDecodeError as e:
+            if number == len(lines):
+                warnings.warn(f"{path} ends in a line cut short (line {number}: a crash while it was written?); "
+                              "dropped it")
+                break
+            raise ValueError(f"{path} line {number} is not JSON ({e}); repair or delete that line") from None
+        except (TypeError, KeyError):
+            raise ValueError(f"{path} line {number} has no step; repair or delete that line") from None
+        if step < start:
+            kept.append(line)
+    path.write_text("".join(line + "\n" for line in kept))
 
 
 def train(cfg: TrainAddConfig) -> Path:
@@ -502,13 +583,17 @@ def _train(cfg: TrainAddConfig, device: torch.device) -> Path:
     is_main = rank == 0
     out = Path(cfg.out)
     check_inputs(cfg)
-    check_out(out, cfg.resume)
+    check_out(out, cfg)
     models, teacher = load_models(cfg, device)
     size_px = cfg.size_px or teacher.spec.unet.sample_size * teacher.spec.vae.downscale_factor
     spec = student_spec(teacher.spec, models.student.cfg, size_px)
+    tokenizer_source(cfg)  # the export ships these tokenizers: one it could not ship fails now, not after training
+    # Before OUT is written: a --data folder without captioned images fails here, leaving nothing behind.
+    source = data_source(cfg, size_px)
+    run = run_settings(cfg, source)
     parallelize(models, cfg, device)
     optimizers = build_optimizers(models, cfg.add)
-    start = start_step(out, cfg, models, optimizers)
+    start = start_step(out, cfg, models, optimizers, run)
     if start >= cfg.steps and is_main:
         print(f"{out} is already at step {start} of --steps {cfg.steps}: nothing to train; exporting final/ again",
               file=sys.stderr)
@@ -516,8 +601,7 @@ def _train(cfg: TrainAddConfig, device: torch.device) -> Path:
                               teacher.spec.unet, size_px, cfg.add)
     prompts = cfg.sample_prompts or (HELDOUT_PROMPTS[:8] if cfg.data == "shapes" else PHOTO_PROMPTS)
     log_path = out / "log.jsonl"
-    # Before OUT is written: a --data folder without captioned images fails here, leaving nothing behind.
-    batches: Iterator = iter(data_loader(cfg, size_px, start, device))
+    batches: Iterator = iter(data_loader(cfg, source, start, device))
     if is_main:
         (out / "samples").mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
@@ -548,7 +632,7 @@ def _train(cfg: TrainAddConfig, device: torch.device) -> Path:
                     progress.set_postfix(g=f"{metrics['g_loss']:.3f}", d=f"{metrics['d_loss']:.3f}")
                     progress.update()
                 if done % cfg.checkpoint_every == 0 or done == cfg.steps or stop.requested:
-                    write_checkpoint(out, models, optimizers, cfg, done)
+                    write_checkpoint(out, models, optimizers, cfg, done, run)
                 if stop.requested:
                     raise KeyboardInterrupt
                 if cfg.sample_every and (done % cfg.sample_every == 0 or done == cfg.steps):
@@ -635,11 +719,12 @@ def run_train_add(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m sdturbo.train.driver ...`, the same as `sdturbo train add ...`."""
+    """`python -m sdturbo.train.driver ...`, the same as `sdturbo train add ...`, errors included."""
+    from ..cli import run_command
+
     parser = argparse.ArgumentParser(prog="sdturbo train add", description=__doc__.split("\n")[0])
     add_train_add_arguments(parser)
-    run_train_add(parser.parse_args(argv))
-    return 0
+    return run_command(run_train_add, parser.parse_args(argv))
 
 
 if __name__ == "__main__":

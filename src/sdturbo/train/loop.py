@@ -16,9 +16,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from ..loading.single_file import save_tensors
 from ..models.configs import UNetConfig
 from ..models.unet import UNet, make_y
 from ..models.vae import AutoencoderKL, sample_latent
@@ -388,10 +389,15 @@ def optimizer_state(
 class Checkpoint:
     step: int  # the next step to run
     config: dict  # the ADDConfig it was saved with, as a dict
+    run: dict  # the caller's settings saved with it (save_checkpoint's `run`); {} if none
+    ema_from_student: bool  # the checkpoint has no EMA (saved with ema_decay 0): it starts from the student
 
 
-def save_checkpoint(path: str | Path, models: ADDModels, optimizers: Optimizers, cfg: ADDConfig, step: int) -> None:
-    """Write the trained state after `step` steps into a folder (the frozen teacher, VAE and ViTs are inputs).
+def save_checkpoint(
+    path: str | Path, models: ADDModels, optimizers: Optimizers, cfg: ADDConfig, step: int, run: dict | None = None
+) -> None:
+    """Write the trained state after `step` steps into a folder (the frozen teacher, VAE and ViTs are inputs). `run`:
+    JSON-able settings of the caller to keep beside the ADD settings in state.json.
 
     Rank 0 writes. Replicated models are identical on every rank, so calling this on rank 0 alone is enough; an
     FSDP-sharded student is gathered collectively, so then every rank must call it."""
@@ -404,14 +410,14 @@ def save_checkpoint(path: str | Path, models: ADDModels, optimizers: Optimizers,
         if module is not None:
             tensors = rank0_state_dict(module)
             if is_writer:
-                save_file(tensors, str(path / f"{name}.safetensors"))
+                save_tensors(tensors, path / f"{name}.safetensors")
     groups = {}
     for name in ("student", "discriminator"):
         tensors, groups[name] = optimizer_tensors(getattr(optimizers, name))
         if is_writer:
-            save_file(tensors, str(path / f"optimizer_{name}.safetensors"))
+            save_tensors(tensors, path / f"optimizer_{name}.safetensors")
     if is_writer:
-        state = {"step": step, "config": asdict(cfg), "param_groups": groups}
+        state = {"step": step, "config": asdict(cfg), "param_groups": groups, "run": run or {}}
         (path / "state.json").write_text(json.dumps(state, indent=2))
 
 
@@ -420,12 +426,14 @@ def load_checkpoint(path: str | Path, models: ADDModels, optimizers: Optimizers)
     Every rank reads the files, then keeps its shard of FSDP-sharded tensors."""
     path = Path(path)
     state = json.loads((path / "state.json").read_text())
-    _load_full_state_dict(models.student, load_file(str(path / "student.safetensors")))
-    if models.ema is not None:
-        _load_full_state_dict(models.ema, load_file(str(path / "student_ema.safetensors")))
+    # A run saved without EMA (ema_decay 0) and resumed with it: the average starts from the saved student.
+    ema_from_student = models.ema is not None and not (path / "student_ema.safetensors").exists()
+    for module, name in ((models.student, "student"), (models.ema, "student" if ema_from_student else "student_ema")):
+        if module is not None:
+            _load_full_state_dict(module, load_file(str(path / f"{name}.safetensors")))
     models.discriminator.heads.load_state_dict(load_file(str(path / "discriminator_heads.safetensors")))
     for name in ("student", "discriminator"):
         optimizer = getattr(optimizers, name)
         tensors = load_file(str(path / f"optimizer_{name}.safetensors"))
         optimizer.load_state_dict(optimizer_state(tensors, state["param_groups"][name], optimizer))
-    return Checkpoint(step=state["step"], config=state["config"])
+    return Checkpoint(state["step"], state["config"], state.get("run", {}), ema_from_student)

@@ -13,9 +13,10 @@ import math
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors.torch import load_file, safe_open
 from torch import nn
 
+from ...loading.single_file import save_tensors
 from ...models.configs import TextEncoderConfig, UNetConfig, VAEConfig
 
 STRUCTURE_KEY = "sdturbo.structure"
@@ -60,7 +61,7 @@ def save_checkpoint(path: Path, state: dict) -> None:
     tensors: dict[str, torch.Tensor] = {}
     structure = _encode(state, tensors)
     tmp = path.with_suffix(".tmp")
-    save_file(tensors, str(tmp), metadata={STRUCTURE_KEY: json.dumps(structure)})
+    save_tensors(tensors, tmp, metadata={STRUCTURE_KEY: json.dumps(structure)})
     tmp.replace(path)
 
 
@@ -75,7 +76,8 @@ def load_checkpoint(path: Path) -> dict | None:
 def require_done(path: Path, stage: str) -> dict:
     state = load_checkpoint(path)
     if state is None or not state.get("done"):
-        raise RuntimeError(f"stage {stage!r} has not finished (no completed checkpoint at {path}); run it first")
+        raise ValueError(f"stage {stage!r} has not finished (no completed checkpoint at {path}); run it first "
+                         f"(sdturbo train mini --stage {stage} --workdir {path.parent})")
     return state
 
 

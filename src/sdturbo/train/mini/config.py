@@ -8,10 +8,12 @@ lower levels, a KL VAE with 4 latent channels. Images are 64 x 64 px; the VAE do
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields, replace
 
 from ...models.configs import ModelSpec, TextEncoderConfig, UNetConfig, VAEConfig
 from ...models.vit import ViTConfig
+from ...pipeline import MINI_MODEL_DIR
 
 IMAGE_SIZE_PX = 64
 VOCAB_SIZE = 640  # room for 512 byte symbols (bare and word-final) + 126 merges + bos + eos; the ~40 caption words need ~90 merges, so ids stop at 602
@@ -175,10 +177,12 @@ class MiniRecipe:
     vit: VitStage = field(default_factory=VitStage)
     student: StudentStage = field(default_factory=StudentStage)
     threads: int | None = None  # torch threads; None keeps torch's default
-    export_dir: str = "src/sdturbo/assets/mini"
+    export_dir: str = str(MINI_MODEL_DIR)  # the package's bundled model, wherever the command runs
 
     def scaled(self, factor: float) -> MiniRecipe:
         """Every training stage with factor x its steps (at least 2), warm-up and save interval scaled alike."""
+        if not (math.isfinite(factor) and factor > 0):
+            raise ValueError(f"--steps-scale must be a positive finite number, got {factor}")
         if factor == 1.0:
             return self
         stages = {}

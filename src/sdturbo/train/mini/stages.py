@@ -36,7 +36,8 @@ class Context:
     def cache(self) -> ShapesCache:
         path = self.path("shapes.safetensors")
         if not path.exists():
-            raise RuntimeError(f"no data cache at {path}; run the 'data' stage first")
+            raise ValueError(f"no data cache at {path}; run the 'data' stage first "
+                             f"(sdturbo train mini --stage data --workdir {self.workdir})")
         return load_cache(path)
 
 

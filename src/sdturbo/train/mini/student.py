@@ -161,8 +161,8 @@ def train_student(workdir: Path, stage: StudentStage, cache: ShapesCache, log, v
 
 
 def load_student(workdir: Path, variant: str = "add") -> UNet:
-    name = student_name(variant)
-    state = require_done(workdir / f"{name}.safetensors", name)
+    stage = "student" if variant == "add" else variant.replace("-", "_")  # the stage that trains it
+    state = require_done(workdir / f"{student_name(variant)}.safetensors", stage)
     unet = UNet(MINI.unet)
     unet.load_state_dict(state["unet"])
     return unet.eval()

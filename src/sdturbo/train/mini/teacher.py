@@ -84,7 +84,8 @@ def load_teacher(workdir: Path, partial: bool = False) -> UNet:
     """The teacher's EMA UNet, frozen. partial=True also accepts an unfinished run's latest save."""
     state = load_checkpoint(workdir / "teacher.safetensors")
     if state is None or not (state.get("done") or partial):
-        raise RuntimeError(f"stage 'teacher' has not finished (see {workdir / 'teacher.safetensors'}); run it first")
+        raise ValueError(f"stage 'teacher' has not finished (see {workdir / 'teacher.safetensors'}); run it first "
+                         f"(sdturbo train mini --stage teacher --workdir {workdir})")
     unet = UNet(MINI.unet)
     unet.load_state_dict(state["ema"])
     return unet.eval().requires_grad_(False)
