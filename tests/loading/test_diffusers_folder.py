@@ -258,3 +258,20 @@ def test_text_configs_carry_the_tokenizers_ids(tiny_folder, tmp_path, tiny_state
 
 def test_shipped_mini_configs_carry_its_tokenizers_ids():
     assert token_ids(MINI) == [(601, 602, 602), (601, 602, 0)]
+
+
+def test_tokenizer_json_only_folders_are_saved_with_the_model(tmp_path, tiny_state_dicts, tokenizer_folders):
+    """transformers >= 5 saves a tokenizer as tokenizer.json alone: save_diffusers_folder must ship that file."""
+    transformers = pytest.importorskip("transformers")
+    from sdturbo.loading import load_components
+
+    json_only = []
+    for folder in tokenizer_folders:
+        target = tmp_path / "json_only" / folder.name
+        transformers.CLIPTokenizerFast.from_pretrained(folder).save_pretrained(target)
+        for legacy in ("vocab.json", "merges.txt"):
+            (target / legacy).unlink(missing_ok=True)
+        json_only.append(target)
+    saved = save_diffusers_folder(tmp_path / "model", tiny_state_dicts, TINY, tokenizer_folders=tuple(json_only))
+    assert (saved / "tokenizer" / "tokenizer.json").is_file()
+    assert load_components(saved).tokenizer("a red circle")[0, :4].tolist() == [49406, 320, 736, 7117]

@@ -37,7 +37,7 @@ WEIGHT_NAMES = {
     "vae": "diffusion_pytorch_model.safetensors",
 }
 TOKENIZER_FOLDERS = ("tokenizer", "tokenizer_2")
-TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
+TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 LEGACY_EOS_TOKEN_ID = 2  # the official configs' eos_token_id: transformers then pools at argmax(ids), CLIP's eos
 
