@@ -357,3 +357,37 @@ def test_prompt_2_has_its_own_cache_entry(pipe):
     two = pipe.encode_prompt(["a", "b"])
     one = pipe.encode_prompt(["a"], ["b"])
     assert two[0].shape[0] == 2 and one[0].shape[0] == 1
+
+
+def test_encode_prompt_returns_tensors_the_caller_may_change(pipe):
+    """Prompt weighting edits the embeddings in place: that must not reach the prompt cache."""
+    before = pipe("a red circle", seed=1, num_inference_steps=1, output_type="latent").images
+    context, pooled = pipe.encode_prompt("a red circle")
+    context[:, 1:4] *= 1.5
+    pooled.zero_()
+    after = pipe("a red circle", seed=1, num_inference_steps=1, output_type="latent").images
+    assert torch.equal(before, after)
+
+
+def test_large_size_conditions_stay_finite_in_fp16(tiny_model_dir):
+    half = TurboPipeline.from_pretrained(tiny_model_dir, device="cpu", dtype=torch.float16, vae_dtype="fp32")
+    out = half("x", seed=1, num_inference_steps=1, original_size=(65520, 64), crops_coords_top_left=(65536, 0),
+               output_type="latent").images
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"prompt_embeds": np.zeros((1, 77, 192)), "pooled_prompt_embeds": torch.zeros(1, 128)},
+         "prompt_embeds must be a torch tensor"),
+        ({"prompt": "x", "pooled_prompt_embeds": torch.zeros(1, 128)},
+         "pooled_prompt_embeds goes with prompt_embeds, which was not passed"),
+        ({"prompt": "x", "negative_pooled_prompt_embeds": torch.zeros(1, 128)},
+         "negative_pooled_prompt_embeds goes with negative_prompt_embeds"),
+        ({"prompt_embeds": torch.zeros(1, 0, 192), "pooled_prompt_embeds": torch.zeros(1, 128)}, "no token"),
+    ],
+)
+def test_embedding_arguments_are_named_when_wrong(pipe, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        pipe(num_inference_steps=1, **kwargs)

@@ -99,26 +99,31 @@ class TurboPipeline:
 
     @torch.no_grad()
     def encode_prompt(
-        self, prompts: str | list[str], prompts_2: str | list[str] | None = None
+        self, prompt: str | list[str], prompt_2: str | list[str] | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """-> context [B,77,ctx] (both towers' penultimate states), pooled [B,proj] (tower 2's projected EOS): what
-        __call__ takes as prompt_embeds and pooled_prompt_embeds. prompts_2 (diffusers' prompt_2) goes to the second
-        tower instead of prompts.
+        __call__ takes as prompt_embeds and pooled_prompt_embeds (diffusers' encode_prompt also returns the negative
+        pair; here encode the negative prompt the same way). prompt_2 goes to the second tower instead of prompt.
+        The tensors are the caller's to change (prompt weighting): copies of self.prompt_cache's."""
+        context, pooled = self._encode_prompt_cached(prompt, prompt_2)
+        return context.clone(), pooled.clone()
 
-        Served from self.prompt_cache when the same prompts were encoded recently; callers must not modify the
-        returned tensors in place."""
-        prompts = _as_prompt_list(prompts, "prompts")
-        prompts_2 = prompts if prompts_2 is None else _prompts_for(prompts_2, len(prompts), "prompts_2")
+    def _encode_prompt_cached(self, prompts, prompts_2=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """encode_prompt through self.prompt_cache: an unchanged prompt costs no text encoding. The tensors are the
+        cache's own, so that the fast path's cross-attention keeps their k and v: never modify them."""
+        prompts = _as_prompt_list(prompts, "prompt")
+        prompts_2 = prompts if prompts_2 is None else _prompts_for(prompts_2, len(prompts), "prompt_2")
         key = tuple(prompts) if prompts_2 == prompts else (tuple(prompts), tuple(prompts_2))  # tuples: no clash
         if key in self.prompt_cache:
             self.prompt_cache.move_to_end(key)
             return self.prompt_cache[key]
-        ids1 = self.tokenizer(prompts).to(self.device)
-        ids2 = self.tokenizer_2(prompts_2).to(self.device)
-        # clone: under CUDA graphs (speed.compile_models) the next network's replay may reuse an output's memory
-        h1 = self.text_encoder(ids1)[0].clone()
-        h2, pooled = self.text_encoder_2(ids2)
-        result = torch.cat([h1, h2], dim=-1).to(self.dtype), pooled.to(self.dtype).clone()
+        with torch.no_grad():
+            ids1 = self.tokenizer(prompts).to(self.device)
+            ids2 = self.tokenizer_2(prompts_2).to(self.device)
+            # clone: under CUDA graphs (speed.compile_models) the next network's replay may reuse an output's memory
+            h1 = self.text_encoder(ids1)[0].clone()
+            h2, pooled = self.text_encoder_2(ids2)
+            result = torch.cat([h1, h2], dim=-1).to(self.dtype), pooled.to(self.dtype).clone()
         if self.prompt_cache_size > 0:
             self.prompt_cache[key] = result
             while len(self.prompt_cache) > self.prompt_cache_size:
@@ -139,7 +144,7 @@ class TurboPipeline:
         elif n > 1:
             context, pooled = context.repeat_interleave(n, 0), pooled.repeat_interleave(n, 0)
         # else the prompt cache's own tensors: the fast path's cross-attention keeps their k and v between calls
-        time_ids = torch.tensor([time_ids], dtype=self.dtype, device=self.device)
+        time_ids = torch.tensor([time_ids], dtype=torch.float32, device=self.device)  # fp16 ends at 65504
         y = make_y(pooled, time_ids.expand(pooled.shape[0], -1), self.spec.unet)
         return context, y
 
@@ -149,15 +154,17 @@ class TurboPipeline:
         ctx, proj = self.spec.unet.context_dim, self.spec.text_encoder_2.projection_dim
         pooled_name = name.replace("prompt_embeds", "pooled_prompt_embeds")
         for value, what, shape in ((context, name, f"[B, T, {ctx}]"), (pooled, pooled_name, f"[B, {proj}]")):
-            if not isinstance(value, torch.Tensor):
+            if value is None:
                 raise ValueError(f"{name} needs {pooled_name}: pass both, {shape} tensors as encode_prompt returns")
+            if not isinstance(value, torch.Tensor):
+                raise ValueError(f"{what} must be a torch tensor {shape}, got {type(value).__name__}")
             if not value.is_floating_point() or not torch.isfinite(value).all():
                 raise ValueError(f"{what} must be a finite floating-point tensor")
         if context.ndim != 3 or context.shape[2] != ctx or pooled.shape != (context.shape[0], proj):
             raise ValueError(f"{name} {tuple(context.shape)} and {pooled_name} {tuple(pooled.shape)} must be "
                              f"[B, T, {ctx}] and [B, {proj}] with the same B")
-        if not context.shape[0]:
-            raise ValueError(f"{name} holds no prompt")
+        if not context.shape[0] or not context.shape[1]:
+            raise ValueError(f"{name} holds no prompt or no token")
         if batch is not None and context.shape[0] != batch:
             raise ValueError(f"{name} holds {context.shape[0]} prompts, the prompts {batch}")
         return context.to(self.device, self.dtype), pooled.to(self.device, self.dtype)
@@ -209,6 +216,10 @@ class TurboPipeline:
         original_size, crops_coords_top_left and target_size are SDXL's size conditions ((height, width), (top,
         left), (height, width); default: the image's size, (0, 0), the image's size); return_dict=False returns
         (images,)."""
+        if prompt_embeds is None and pooled_prompt_embeds is not None:
+            raise ValueError("pooled_prompt_embeds goes with prompt_embeds, which was not passed")
+        if negative_prompt_embeds is None and negative_pooled_prompt_embeds is not None:
+            raise ValueError("negative_pooled_prompt_embeds goes with negative_prompt_embeds, which was not passed")
         if prompt_embeds is None:
             if prompt is None:
                 raise ValueError("pass prompt, or prompt_embeds with pooled_prompt_embeds")
@@ -291,12 +302,12 @@ class TurboPipeline:
             z0 = self._encode_image(pixels, noise, batch)
             x = z0 + noise.draw() * schedule_.sigmas[start].to(self.device, z0.dtype)
 
-        positive = prompt_embeds if prompt_embeds is not None else self.encode_prompt(prompts, prompts_2)
+        positive = prompt_embeds if prompt_embeds is not None else self._encode_prompt_cached(prompts, prompts_2)
         negative = None
         if guidance_scale > 1.0:
             negative = negative_prompt_embeds
             if negative_prompts is not None:
-                negative = self.encode_prompt(negative_prompts, negative_prompts_2)
+                negative = self._encode_prompt_cached(negative_prompts, negative_prompts_2)
         context, y = self._conditioning(positive, negative, n, guidance_scale, time_ids)
 
         def denoiser(x, sigma, t):

@@ -213,3 +213,14 @@ def test_a_client_that_leaves_mid_body_is_counted_499_not_500(start_server):
         assert time.monotonic() < deadline, metrics
         time.sleep(0.05)
     assert 'status="500"' not in metrics
+
+
+def test_a_body_still_arriving_when_the_server_stops_gets_503_at_once(start_server):
+    s = start_server()
+    head = "POST /v1/images/generations HTTP/1.1\r\nHost: 127.0.0.1\r\ncontent-type: application/json\r\n"
+    with _raw_request(s.url, head + "content-length: 100\r\n", b'{"prompt": ') as sock:
+        time.sleep(0.2)
+        started = time.monotonic()
+        s.engine.close_soon()  # what the server's Ctrl+C/SIGTERM handler calls
+        assert _status_of(sock) == 503
+    assert time.monotonic() - started < 2

@@ -36,7 +36,8 @@ def _middleware(settings: ServeSettings, engine: Engine) -> list[Middleware]:
         stack.append(Middleware(HostGuard, allowed_hosts=settings.allowed_hosts))
     stack.append(Middleware(OriginGuard, allow_origins=settings.allow_origins))
     stack.append(Middleware(KeyGuard, settings=settings))
-    stack.append(Middleware(BodyLimit, max_bytes=settings.max_body_bytes, timeout_s=settings.request_timeout_s))
+    stack.append(Middleware(BodyLimit, max_bytes=settings.max_body_bytes, timeout_s=settings.request_timeout_s,
+                            stopping=engine.stopping))
     return stack
 
 

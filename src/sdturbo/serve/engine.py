@@ -112,7 +112,7 @@ class Engine:
         self._queue: deque[Ticket] = deque()
         self._running: list[Ticket] = []  # the batch handed to the model thread
         self._model_busy = False  # set by the model thread itself: true until its call returns, even after stop()
-        self._closing = False
+        self.stopping = asyncio.Event()  # set by close(): the server is shutting down
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wakeup: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
@@ -141,7 +141,7 @@ class Engine:
         """Refuse new jobs and answer the waiting and running ones now (503), so a stopping server's open requests
         get an error they can act on, not a connection cut at the end of the grace period. A batch already in the
         model thread runs on, unseen."""
-        self._closing = True
+        self.stopping.set()
         stopping = ShuttingDown("the server is shutting down; retry when it is back")
         for ticket in [*self._queue, *self._running]:
             if not ticket.future.done():
@@ -168,7 +168,7 @@ class Engine:
     def submit(self, job: Job, on_preview: PreviewSink | None = None) -> Ticket:
         """on_preview: gets a small linear preview of the job's first image after every step (a live view shows it
         while the VAE decodes, the slow part on a CPU); the pipeline needs a preview_images method for it."""
-        if self._closing:
+        if self.stopping.is_set():
             raise ShuttingDown("the server is shutting down; retry when it is back")
         if len(self._queue) >= self.max_queue:
             raise QueueFull(self.retry_after_s())

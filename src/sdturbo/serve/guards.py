@@ -49,8 +49,9 @@ class KeyGuard:
 
 
 class BodyLimit:
-    def __init__(self, app, max_bytes: int, timeout_s: float):
-        self.app, self.max_bytes, self.timeout_s = app, max_bytes, timeout_s
+    def __init__(self, app, max_bytes: int, timeout_s: float, stopping: asyncio.Event):
+        """stopping: set when the server shuts down; a body still arriving then gets a 503 at once."""
+        self.app, self.max_bytes, self.timeout_s, self.stopping = app, max_bytes, timeout_s, stopping
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -64,9 +65,11 @@ class BodyLimit:
         # connection and buffer forever.
         chunks, size, deadline = [], 0, time.monotonic() + self.timeout_s
         while True:
-            try:
-                message = await asyncio.wait_for(receive(), max(deadline - time.monotonic(), 0))
-            except asyncio.TimeoutError:
+            message = await self._receive_until(receive, deadline)
+            if message is None:
+                if self.stopping.is_set():
+                    stopping = "the server is shutting down; retry when it is back"
+                    return await _refuse(scope, receive, send, 503, stopping, None, {"Connection": "close"})
                 slow = f"request body not received within the server's {self.timeout_s:g} s request timeout"
                 return await _refuse(scope, receive, send, 408, slow, "body", {"Connection": "close"})
             if message["type"] == "http.disconnect":
@@ -87,6 +90,19 @@ class BodyLimit:
             return {"type": "http.request", "body": body, "more_body": False}
 
         await self.app(scope, replay, send)
+
+
+    async def _receive_until(self, receive, deadline: float) -> dict | None:
+        """The next body message; None once the deadline passes or the server starts stopping."""
+        message = asyncio.ensure_future(receive())
+        stopping = asyncio.ensure_future(self.stopping.wait())
+        await asyncio.wait({message, stopping}, timeout=max(deadline - time.monotonic(), 0),
+                           return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        if message.done():
+            return message.result()
+        message.cancel()
+        return None
 
 
 def is_loopback(host: str) -> bool:
