@@ -27,9 +27,7 @@ from ..schemas import (
 )
 from ..settings import ServeSettings
 
-router = APIRouter(
-    prefix="/sdapi/v1", tags=["a1111"], dependencies=[ApiKey], responses=ERROR_RESPONSES
-)
+router = APIRouter(prefix="/sdapi/v1", tags=["a1111"], dependencies=[ApiKey], responses=ERROR_RESPONSES)
 
 
 @router.post("/txt2img", response_model=Txt2ImgResponse)

@@ -22,9 +22,7 @@ from ..schemas import (
     ImagesResponse,
 )
 
-router = APIRouter(
-    prefix="/v1/images", tags=["openai"], dependencies=[ApiKey], responses=ERROR_RESPONSES
-)
+router = APIRouter(prefix="/v1/images", tags=["openai"], dependencies=[ApiKey], responses=ERROR_RESPONSES)
 models_router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[ApiKey], responses=ERROR_RESPONSES)
 
 
