@@ -40,6 +40,9 @@ class ShuttingDown(Exception):
     """The server is stopping: queued and running jobs are answered at once instead of cut off."""
 
 
+SHUTTING_DOWN = "the server is shutting down; retry when it is back"
+
+
 class InvalidJob(Exception):
     """The pipeline refused the arguments (its ValueError)."""
 
@@ -142,7 +145,7 @@ class Engine:
         get an error they can act on, not a connection cut at the end of the grace period. A batch already in the
         model thread runs on, unseen."""
         self.stopping.set()
-        stopping = ShuttingDown("the server is shutting down; retry when it is back")
+        stopping = ShuttingDown(SHUTTING_DOWN)
         for ticket in [*self._queue, *self._running]:
             if not ticket.future.done():
                 ticket.future.set_exception(stopping)
@@ -169,7 +172,7 @@ class Engine:
         """on_preview: gets a small linear preview of the job's first image after every step (a live view shows it
         while the VAE decodes, the slow part on a CPU); the pipeline needs a preview_images method for it."""
         if self.stopping.is_set():
-            raise ShuttingDown("the server is shutting down; retry when it is back")
+            raise ShuttingDown(SHUTTING_DOWN)
         if len(self._queue) >= self.max_queue:
             raise QueueFull(self.retry_after_s())
         ticket = Ticket(job, asyncio.get_running_loop().create_future(), on_preview=on_preview)

@@ -20,6 +20,7 @@ from starlette.datastructures import Headers
 from starlette.responses import JSONResponse
 
 from .deps import WRONG_KEY, WRONG_KEY_HEADERS, bearer_token, key_matches
+from .engine import SHUTTING_DOWN
 from .errors import error_body
 from .settings import ServeSettings
 
@@ -68,8 +69,7 @@ class BodyLimit:
             message = await self._receive_until(receive, deadline)
             if message is None:
                 if self.stopping.is_set():
-                    stopping = "the server is shutting down; retry when it is back"
-                    return await _refuse(scope, receive, send, 503, stopping, None, {"Connection": "close"})
+                    return await _refuse(scope, receive, send, 503, SHUTTING_DOWN, None, {"Connection": "close"})
                 slow = f"request body not received within the server's {self.timeout_s:g} s request timeout"
                 return await _refuse(scope, receive, send, 408, slow, "body", {"Connection": "close"})
             if message["type"] == "http.disconnect":
@@ -90,7 +90,6 @@ class BodyLimit:
             return {"type": "http.request", "body": body, "more_body": False}
 
         await self.app(scope, replay, send)
-
 
     async def _receive_until(self, receive, deadline: float) -> dict | None:
         """The next body message; None once the deadline passes or the server starts stopping."""
